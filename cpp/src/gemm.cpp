@@ -1,0 +1,125 @@
+#include "nplora/gemm.hpp"
+
+#include "nplora/parallel.hpp"
+
+#include <atomic>
+#include <cstdint>
+
+namespace nplora {
+namespace {
+
+constexpr int kCblasRowMajor = 101;
+constexpr int kCblasNoTrans = 111;
+constexpr int kCblasTrans = 112;
+
+template <class T, class Int>
+using CblasFn = void (*)(int, int, int, Int, Int, Int, T, const T*, Int, const T*, Int, T, T*, Int);
+
+std::atomic<void*> g_sgemm{nullptr};
+std::atomic<void*> g_dgemm{nullptr};
+std::atomic<bool> g_ilp64{false};
+
+template <class T>
+void* blas_entry();
+template <>
+void* blas_entry<float>() { return g_sgemm.load(); }
+template <>
+void* blas_entry<double>() { return g_dgemm.load(); }
+
+template <class T, class Int>
+void call_cblas(void* fn, Trans ta, Trans tb, Index m, Index n, Index k, T alpha, const T* a,
+                Index lda, const T* b, Index ldb, T beta, T* c, Index ldc) {
+    reinterpret_cast<CblasFn<T, Int>>(fn)(
+        kCblasRowMajor, ta == Trans::No ? kCblasNoTrans : kCblasTrans,
+        tb == Trans::No ? kCblasNoTrans : kCblasTrans, static_cast<Int>(m), static_cast<Int>(n),
+        static_cast<Int>(k), alpha, a, static_cast<Int>(lda), b, static_cast<Int>(ldb), beta, c,
+        static_cast<Int>(ldc));
+}
+
+// Eigen's product, one block of C's rows (or columns, whichever is longer) per pool thread:
+// Eigen is built without OpenMP, so this is where its parallelism comes from.
+template <class T, class OpA, class OpB>
+void eigen_product(const OpA& op_a, const OpB& op_b, Index m, Index n, T alpha, T beta, T* c,
+                   Index ldc) {
+    RowMap<T> C(c, m, n, Eigen::OuterStride<>(ldc));
+    auto block = [&](auto&& c_part, auto&& a_part, auto&& b_part) {
+        if (beta == T(0)) {
+            c_part.noalias() = alpha * (a_part * b_part);
+        } else {
+            if (beta != T(1)) c_part *= beta;
+            c_part.noalias() += alpha * (a_part * b_part);
+        }
+    };
+    constexpr Index kMinBlock = 32;
+    if (m >= n) {
+        parallel_for(m, kMinBlock, [&](Index begin, Index end) {
+            block(C.middleRows(begin, end - begin), op_a.middleRows(begin, end - begin), op_b);
+        });
+    } else {
+        parallel_for(n, kMinBlock, [&](Index begin, Index end) {
+            block(C.middleCols(begin, end - begin), op_a, op_b.middleCols(begin, end - begin));
+        });
+    }
+}
+
+template <class T>
+void eigen_gemm(Trans ta, Trans tb, Index m, Index n, Index k, T alpha, const T* a, Index lda,
+                const T* b, Index ldb, T beta, T* c, Index ldc) {
+    const ConstRowMap<T> A(a, ta == Trans::No ? m : k, ta == Trans::No ? k : m,
+                           Eigen::OuterStride<>(lda));
+    const ConstRowMap<T> B(b, tb == Trans::No ? k : n, tb == Trans::No ? n : k,
+                           Eigen::OuterStride<>(ldb));
+    if (ta == Trans::No && tb == Trans::No)
+        eigen_product(A, B, m, n, alpha, beta, c, ldc);
+    else if (ta == Trans::No)
+        eigen_product(A, B.transpose(), m, n, alpha, beta, c, ldc);
+    else if (tb == Trans::No)
+        eigen_product(A.transpose(), B, m, n, alpha, beta, c, ldc);
+    else
+        eigen_product(A.transpose(), B.transpose(), m, n, alpha, beta, c, ldc);
+}
+
+}  // namespace
+
+template <class T>
+void gemm(Trans ta, Trans tb, Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b,
+          Index ldb, T beta, T* c, Index ldc) {
+    if (m <= 0 || n <= 0) return;
+    if (k <= 0) {
+        RowMap<T> C(c, m, n, Eigen::OuterStride<>(ldc));
+        if (beta == T(0))
+            C.setZero();
+        else
+            C *= beta;
+        return;
+    }
+    if (void* fn = blas_entry<T>()) {
+        if (g_ilp64.load())
+            call_cblas<T, std::int64_t>(fn, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        else
+            call_cblas<T, int>(fn, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        return;
+    }
+    eigen_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+void set_cblas_gemm(const CblasGemm& functions) {
+    g_ilp64 = functions.ilp64;
+    g_sgemm = functions.sgemm;
+    g_dgemm = functions.dgemm;
+}
+
+CblasGemm get_cblas_gemm() {
+    CblasGemm out;
+    out.sgemm = g_sgemm.load();
+    out.dgemm = g_dgemm.load();
+    out.ilp64 = g_ilp64.load();
+    return out;
+}
+
+template void gemm<float>(Trans, Trans, Index, Index, Index, float, const float*, Index, const float*,
+                          Index, float, float*, Index);
+template void gemm<double>(Trans, Trans, Index, Index, Index, double, const double*, Index,
+                           const double*, Index, double, double*, Index);
+
+}  // namespace nplora

@@ -1,0 +1,209 @@
+#include "nplora/lora_linear.hpp"
+
+#include "nplora/gemm.hpp"
+#include "nplora/parallel.hpp"
+
+#include <stdexcept>
+#include <string>
+
+namespace nplora {
+
+template <class T>
+LoraLinear<T>::LoraLinear(MatrixRef<T> weight, const T* bias, bool fan_in_fan_out,
+                          const LoraOptions& options)
+    : weight_(weight),
+      bias_(bias),
+      fan_in_fan_out_(fan_in_fan_out),
+      options_(options),
+      in_(fan_in_fan_out ? weight.rows : weight.cols),
+      out_(fan_in_fan_out ? weight.cols : weight.rows),
+      scaling_(static_cast<T>(lora_scaling(options.r, options.lora_alpha, options.use_rslora))),
+      dropout_rng_(options.seed ^ 0xD1B54A32D192ED03ull) {
+    validate(options);
+    if (weight.rows < 1 || weight.cols < 1)
+        throw std::invalid_argument("weight must not be empty, got shape " +
+                                    shape_str(weight.rows, weight.cols));
+    if (weight.row_stride < weight.cols)
+        throw std::invalid_argument("weight rows overlap (row stride < columns)");
+    a_.resize(options.r, in_);
+    b_.resize(out_, options.r);
+    a_grad_ = RowMatrix<T>::Zero(options.r, in_);
+    b_grad_ = RowMatrix<T>::Zero(out_, options.r);
+    init_linear_adapter(options.init, options.seed, a_, b_);
+}
+
+template <class T>
+void LoraLinear<T>::forward(MatrixRef<const T> x, MatrixRef<T> y, bool training) {
+    const Index n = x.rows;
+    check_shape("x", x.rows, x.cols, n, in_);
+    check_shape("y", y.rows, y.cols, n, out_);
+    const Index r = options_.r;
+
+    // Base product, straight into y.
+    gemm(Trans::No, fan_in_fan_out_ ? Trans::No : Trans::Yes, n, out_, in_, T(1), x.data,
+         x.row_stride, weight_.data, weight_.row_stride, T(0), y.data, y.row_stride);
+    if (bias_) {
+        const Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> bias(bias_, out_);
+        map(y).rowwise() += bias;
+    }
+    if (!training) clear_cache();
+    if (merged_) {
+        if (training) {
+            cache_valid_ = true;
+            cache_merged_ = true;
+        }
+        return;
+    }
+
+    const bool dropout = training && options_.lora_dropout > 0.0;
+    const T* lora_input = x.data;
+    Index lora_input_stride = x.row_stride;
+    if (training) {
+        cached_input_.resize(n, in_);
+        if (dropout) {
+            // Inverted dropout: kept inputs are scaled by 1 / (1 - p) so the expectation is x.
+            const double p = options_.lora_dropout;
+            const T keep_scale = static_cast<T>(1.0 / (1.0 - p));
+            cached_keep_.resize(static_cast<std::size_t>(n * in_));
+            for (Index i = 0; i < n; ++i) {
+                for (Index j = 0; j < in_; ++j) {
+                    const bool keep = dropout_rng_.uniform() >= p;
+                    cached_keep_[static_cast<std::size_t>(i * in_ + j)] = keep;
+                    cached_input_(i, j) = keep ? x.data[i * x.row_stride + j] * keep_scale : T(0);
+                }
+            }
+        } else {
+            cached_keep_.clear();
+            cached_input_ = map(x);
+        }
+        lora_input = cached_input_.data();
+        lora_input_stride = in_;
+    }
+
+    RowMatrix<T> projection(n, r);  // dropout(x) A^T: the rank-r bottleneck
+    gemm(Trans::No, Trans::Yes, n, r, in_, T(1), lora_input, lora_input_stride, a_.data(), in_, T(0),
+         projection.data(), r);
+    gemm(Trans::No, Trans::Yes, n, out_, r, scaling_, projection.data(), r, b_.data(), r, T(1),
+         y.data, y.row_stride);
+    if (training) {
+        cached_projection_ = std::move(projection);
+        cache_valid_ = true;
+        cache_merged_ = false;
+    }
+}
+
+template <class T>
+void LoraLinear<T>::backward(MatrixRef<const T> grad_y, MatrixRef<T> grad_x) {
+    if (!cache_valid_)
+        throw std::runtime_error("backward() needs a forward() in training mode first");
+    if (cache_merged_)
+        throw std::runtime_error(
+            "backward() after a forward through merged weights: unmerge() before training");
+    const Index n = cached_input_.rows();
+    check_shape("grad_y", grad_y.rows, grad_y.cols, n, out_);
+    if (grad_x.data) check_shape("grad_x", grad_x.rows, grad_x.cols, n, in_);
+    const Index r = options_.r;
+
+    // grad of the bottleneck: G B (n x r), scaled by s
+    RowMatrix<T> grad_projection(n, r);
+    gemm(Trans::No, Trans::No, n, r, out_, scaling_, grad_y.data, grad_y.row_stride, b_.data(), r,
+         T(0), grad_projection.data(), r);
+    // dB += s G^T (x A^T);  dA += (s G B)^T dropout(x)
+    gemm(Trans::Yes, Trans::No, out_, r, n, scaling_, grad_y.data, grad_y.row_stride,
+         cached_projection_.data(), r, T(1), b_grad_.data(), r);
+    gemm(Trans::Yes, Trans::No, r, in_, n, T(1), grad_projection.data(), r, cached_input_.data(),
+         in_, T(1), a_grad_.data(), in_);
+    if (!grad_x.data) return;
+
+    // dX = G W (+ the LoRA branch through dropout's mask)
+    gemm(Trans::No, fan_in_fan_out_ ? Trans::Yes : Trans::No, n, in_, out_, T(1), grad_y.data,
+         grad_y.row_stride, weight_.data, weight_.row_stride, T(0), grad_x.data, grad_x.row_stride);
+    if (cached_keep_.empty()) {
+        gemm(Trans::No, Trans::No, n, in_, r, T(1), grad_projection.data(), r, a_.data(), in_, T(1),
+             grad_x.data, grad_x.row_stride);
+    } else {
+        RowMatrix<T> lora_grad(n, in_);
+        gemm(Trans::No, Trans::No, n, in_, r, T(1), grad_projection.data(), r, a_.data(), in_, T(0),
+             lora_grad.data(), in_);
+        const T keep_scale = static_cast<T>(1.0 / (1.0 - options_.lora_dropout));
+        for (Index i = 0; i < n; ++i)
+            for (Index j = 0; j < in_; ++j)
+                if (cached_keep_[static_cast<std::size_t>(i * in_ + j)])
+                    grad_x.data[i * grad_x.row_stride + j] += lora_grad(i, j) * keep_scale;
+    }
+}
+
+template <class T>
+void LoraLinear<T>::add_scaled_delta(T sign) {
+    if (weight_read_only_)
+        throw std::invalid_argument(
+            "weight is read-only (memory-mapped or a read-only array): merging writes into it, "
+            "so give the layer a writable copy (weight.copy())");
+    const Index r = options_.r;
+    // A rank-r update written straight into W: no temporary of W's size.
+    if (fan_in_fan_out_)
+        gemm(Trans::Yes, Trans::Yes, in_, out_, r, sign * scaling_, a_.data(), in_, b_.data(), r,
+             T(1), weight_.data, weight_.row_stride);
+    else
+        gemm(Trans::No, Trans::No, out_, in_, r, sign * scaling_, b_.data(), r, a_.data(), in_, T(1),
+             weight_.data, weight_.row_stride);
+}
+
+template <class T>
+bool LoraLinear<T>::merge() {
+    if (merged_) return false;
+    add_scaled_delta(T(1));
+    merged_ = true;
+    return true;
+}
+
+template <class T>
+bool LoraLinear<T>::unmerge() {
+    if (!merged_) return false;
+    add_scaled_delta(T(-1));
+    merged_ = false;
+    return true;
+}
+
+template <class T>
+void LoraLinear<T>::delta_weight(MatrixRef<T> out) const {
+    const Index r = options_.r;
+    check_shape("out", out.rows, out.cols, weight_.rows, weight_.cols);
+    if (fan_in_fan_out_)
+        gemm(Trans::Yes, Trans::Yes, in_, out_, r, scaling_, a_.data(), in_, b_.data(), r, T(0),
+             out.data, out.row_stride);
+    else
+        gemm(Trans::No, Trans::No, out_, in_, r, scaling_, b_.data(), r, a_.data(), in_, T(0),
+             out.data, out.row_stride);
+}
+
+template <class T>
+void LoraLinear<T>::zero_grad() {
+    a_grad_.setZero();
+    b_grad_.setZero();
+}
+
+template <class T>
+void LoraLinear<T>::reset_lora_parameters(InitMode mode, std::uint64_t seed) {
+    options_.init = mode;
+    options_.seed = seed;
+    init_linear_adapter(mode, seed, a_, b_);
+    dropout_rng_ = Rng(seed ^ 0xD1B54A32D192ED03ull);
+}
+
+template <class T>
+void LoraLinear<T>::clear_cache() {
+    // Eval-mode forwards call this on every call, possibly from several threads: read-only then.
+    if (!cache_valid_ && cached_projection_.size() == 0) return;
+    cache_valid_ = false;
+    cache_merged_ = false;
+    cached_input_.resize(0, 0);
+    cached_projection_.resize(0, 0);
+    cached_keep_.clear();
+    cached_keep_.shrink_to_fit();
+}
+
+template class LoraLinear<float>;
+template class LoraLinear<double>;
+
+}  // namespace nplora

@@ -1,0 +1,179 @@
+#include "nplora/parallel.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <exception>
+#include <mutex>
+#include <new>
+#include <thread>
+
+#include <pthread.h>
+#include <vector>
+
+namespace nplora {
+namespace {
+
+int default_threads() {
+    if (const char* env = std::getenv("NPLORA_NUM_THREADS")) {
+        const int n = std::atoi(env);
+        if (n >= 1) return n;
+    }
+    const unsigned hw = std::thread::hardware_concurrency();
+    return hw == 0 ? 1 : static_cast<int>(hw);
+}
+
+// Workers sleep on a condition variable between jobs; a job is one parallel_for call split into
+// one contiguous range per thread. The caller runs range 0 itself.
+class Pool {
+public:
+    Pool() { pthread_atfork(nullptr, nullptr, &Pool::after_fork_in_child); }
+    ~Pool() { resize(0); }
+
+    // Only the forking thread survives a fork: forget the workers (their std::thread objects refer
+    // to threads that do not exist here) and start with fresh locks, so a child process
+    // (multiprocessing's fork) gets a working pool instead of a deadlock.
+    static void after_fork_in_child();
+
+    int threads() const { return num_threads_.load(); }
+
+    void set_threads(int n) {
+        std::lock_guard<std::mutex> dispatch(dispatch_mutex_);
+        num_threads_ = n;
+        resize(n - 1);
+    }
+
+    void run(Index n, Index grain, const std::function<void(Index, Index)>& body) {
+        if (n <= 0) return;
+        grain = std::max<Index>(grain, 1);
+        const Index max_parts = (n + grain - 1) / grain;
+        const int wanted = static_cast<int>(std::min<Index>(num_threads_.load(), max_parts));
+        std::unique_lock<std::mutex> dispatch(dispatch_mutex_, std::try_to_lock);
+        if (wanted <= 1 || !dispatch.owns_lock()) {
+            body(0, n);
+            return;
+        }
+        if (static_cast<int>(workers_.size()) < wanted - 1) resize(wanted - 1);
+
+        const Index chunk = (n + wanted - 1) / wanted;
+        std::vector<std::exception_ptr> errors(wanted);
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            body_ = &body;
+            n_ = n;
+            chunk_ = chunk;
+            parts_ = wanted;
+            errors_ = &errors;
+            pending_ = wanted - 1;
+            ++generation_;
+        }
+        wake_.notify_all();
+        run_part(0);
+        {
+            std::unique_lock<std::mutex> lock(mutex_);
+            done_.wait(lock, [&] { return pending_ == 0; });
+            body_ = nullptr;
+        }
+        for (auto& e : errors)
+            if (e) std::rethrow_exception(e);
+    }
+
+private:
+    void run_part(int part) {
+        const Index begin = part * chunk_;
+        const Index end = std::min(n_, begin + chunk_);
+        if (begin >= end) return;
+        try {
+            (*body_)(begin, end);
+        } catch (...) {
+            (*errors_)[part] = std::current_exception();
+        }
+    }
+
+    void worker_loop(int index) {
+        std::uint64_t seen = 0;
+        for (;;) {
+            {
+                std::unique_lock<std::mutex> lock(mutex_);
+                wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+                if (stop_) return;
+                seen = generation_;
+                if (index + 1 >= parts_) continue;
+            }
+            run_part(index + 1);
+            {
+                std::lock_guard<std::mutex> lock(mutex_);
+                if (--pending_ == 0) done_.notify_one();
+            }
+        }
+    }
+
+    // Called with dispatch_mutex_ held (or from the destructor).
+    void resize(int workers) {
+        if (workers < static_cast<int>(workers_.size())) {
+            {
+                std::lock_guard<std::mutex> lock(mutex_);
+                stop_ = true;
+            }
+            wake_.notify_all();
+            for (auto* t : workers_) {
+                t->join();
+                delete t;
+            }
+            workers_.clear();
+            stop_ = false;
+        }
+        while (static_cast<int>(workers_.size()) < workers) {
+            const int index = static_cast<int>(workers_.size());
+            workers_.push_back(new std::thread([this, index] { worker_loop(index); }));
+        }
+    }
+
+    std::atomic<int> num_threads_{default_threads()};
+    std::mutex dispatch_mutex_;
+    std::mutex mutex_;
+    std::condition_variable wake_;
+    std::condition_variable done_;
+    std::vector<std::thread*> workers_;
+    std::uint64_t generation_ = 0;
+    bool stop_ = false;
+    const std::function<void(Index, Index)>* body_ = nullptr;
+    Index n_ = 0;
+    Index chunk_ = 0;
+    int parts_ = 0;
+    int pending_ = 0;
+    std::vector<std::exception_ptr>* errors_ = nullptr;
+};
+
+Pool& pool() {
+    static Pool instance;
+    return instance;
+}
+
+void Pool::after_fork_in_child() {
+    Pool& p = pool();
+    p.workers_.clear();  // leaked on purpose: the threads are gone, their objects must not run
+    new (&p.dispatch_mutex_) std::mutex();
+    new (&p.mutex_) std::mutex();
+    new (&p.wake_) std::condition_variable();
+    new (&p.done_) std::condition_variable();
+    p.stop_ = false;
+    p.body_ = nullptr;
+    p.pending_ = 0;
+}
+
+}  // namespace
+
+int get_num_threads() { return pool().threads(); }
+
+void set_num_threads(int n) {
+    if (n < 1) throw std::invalid_argument("num_threads must be >= 1, got " + std::to_string(n));
+    pool().set_threads(n);
+}
+
+void parallel_for(Index n, Index grain, const std::function<void(Index, Index)>& body) {
+    pool().run(n, grain, body);
+}
+
+}  // namespace nplora

@@ -1,0 +1,30 @@
+"""nplora: LoRA (Low-Rank Adaptation) for NumPy, with a fast C++ core.
+
+>>> import numpy as np, nplora
+>>> layer = nplora.LoraLinear(np.zeros((4, 3), np.float32), r=2, lora_alpha=4)
+>>> layer(np.ones((5, 3), np.float32)).shape
+(5, 4)
+"""
+
+from __future__ import annotations
+
+from ._core import __version__
+from ._layer import LoraWarning
+from .embedding import LoraEmbedding
+from .linear import LoraLinear
+from .optim import SGD, AdamW, Optimizer
+from .runtime import blas_info, get_num_threads, set_num_threads, use_blas
+
+__all__ = [
+    "AdamW",
+    "LoraEmbedding",
+    "LoraLinear",
+    "LoraWarning",
+    "Optimizer",
+    "SGD",
+    "__version__",
+    "blas_info",
+    "get_num_threads",
+    "set_num_threads",
+    "use_blas",
+]

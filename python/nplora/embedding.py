@@ -1,0 +1,139 @@
+"""LoraEmbedding: a frozen embedding table with a trainable low-rank update, on NumPy arrays."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+
+from . import _core
+from ._arrays import as_input, as_weight, check_int, check_real, init_mode, output_array, resolve_seed
+from ._layer import LoraLayerBase
+
+_CORE_EMBEDDING = {np.dtype(np.float32): _core.LoraEmbedding_float32,
+                   np.dtype(np.float64): _core.LoraEmbedding_float64}
+
+
+def as_ids(ids: Any) -> np.ndarray:
+    """`ids` as a C-contiguous int64 array; TypeError unless they are integers."""
+    array = np.asarray(ids)
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"ids must be integers, got dtype {array.dtype}")
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
+class LoraEmbedding(LoraLayerBase):
+    """A frozen embedding table plus a trainable low-rank update (PEFT's LoRA ``Embedding``).
+
+    ``out = weight[ids] + scaling * lora_embedding_A.T[ids] @ lora_embedding_B.T``
+
+    Parameters
+    ----------
+    weight : array_like, shape (num_embeddings, embedding_dim)
+        The frozen table; a C-contiguous float32/float64 array is used in place (merge writes into it).
+    r : int
+        Rank of the update (>= 1).
+    lora_alpha : float
+        scaling = lora_alpha / r (or / sqrt(r) with ``use_rslora``).
+    padding_idx : int, optional
+        This id's column of lora_embedding_A never receives a gradient (as torch's padding_idx).
+    use_rslora : bool
+        Rank-stabilised scaling.
+    init_lora_weights : True, False or "gaussian"
+        As PEFT: True/"gaussian" = A zeros, B ~ N(0, 1); False = both ~ N(0, 1).
+    seed : int, optional
+        Seeds the initialisation; None draws fresh entropy.
+
+    Attributes
+    ----------
+    lora_embedding_A : ndarray, shape (r, num_embeddings)
+    lora_embedding_B : ndarray, shape (embedding_dim, r)
+    lora_embedding_A_grad, lora_embedding_B_grad : ndarray, same shapes
+    """
+
+    _param_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, weight: Any, *, r: int = 8, lora_alpha: float = 8,
+                 padding_idx: int | None = None, use_rslora: bool = False,
+                 init_lora_weights: bool | Literal["gaussian"] = True,
+                 seed: int | None = None) -> None:
+        weight = as_weight(weight)
+        num_embeddings = weight.shape[0]
+        if padding_idx is not None:
+            padding_idx = check_int("padding_idx", padding_idx, -num_embeddings)
+            if padding_idx >= num_embeddings:
+                raise ValueError(f"padding_idx must be < num_embeddings ({num_embeddings}), "
+                                 f"got {padding_idx}")
+            padding_idx %= num_embeddings  # torch accepts a negative padding_idx
+        self.padding_idx = padding_idx
+        self.lora_alpha = check_real("lora_alpha", lora_alpha)
+        self.use_rslora = bool(use_rslora)
+        self.init_lora_weights = init_lora_weights
+        self._weight = weight
+        self._bias = None
+        self._core = _CORE_EMBEDDING[weight.dtype](
+            weight, -1 if padding_idx is None else padding_idx, check_int("r", r, 1),
+            self.lora_alpha, self.use_rslora, init_mode(init_lora_weights), resolve_seed(seed))
+        self.training = True
+        self._ids_shape: tuple[int, ...] | None = None
+
+    @property
+    def num_embeddings(self) -> int:
+        """Rows of the table."""
+        return int(self._core.num_embeddings)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of each embedding."""
+        return int(self._core.embedding_dim)
+
+    lora_embedding_A = property(lambda self: self._core.lora_embedding_A,
+                                lambda self, value: setattr(self._core, "lora_embedding_A", value),
+                                doc="Trainable A, shape (r, num_embeddings).")
+    lora_embedding_B = property(lambda self: self._core.lora_embedding_B,
+                                lambda self, value: setattr(self._core, "lora_embedding_B", value),
+                                doc="Trainable B, shape (embedding_dim, r).")
+    lora_embedding_A_grad = property(
+        lambda self: self._core.lora_embedding_A_grad,
+        lambda self, value: setattr(self._core, "lora_embedding_A_grad", value),
+        doc="Accumulated gradient of lora_embedding_A, shape (r, num_embeddings).")
+    lora_embedding_B_grad = property(
+        lambda self: self._core.lora_embedding_B_grad,
+        lambda self, value: setattr(self._core, "lora_embedding_B_grad", value),
+        doc="Accumulated gradient of lora_embedding_B, shape (embedding_dim, r).")
+
+    def forward(self, ids: Any, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Look up embeddings.
+
+        Parameters
+        ----------
+        ids : array_like of int, any shape
+            Values in [0, num_embeddings); others raise IndexError.
+        out : ndarray, shape ids.shape + (embedding_dim,), optional
+
+        Returns
+        -------
+        ndarray, shape ids.shape + (embedding_dim,)
+        """
+        ids = as_ids(ids)
+        result = output_array(out, ids.shape + (self.embedding_dim,), self.dtype, (ids,))
+        self._core.forward(ids.reshape(-1), result.reshape(-1, self.embedding_dim), self.training)
+        self._ids_shape = ids.shape if self.training else None
+        return result
+
+    def backward(self, grad_out: Any) -> None:
+        """Add to both gradients from grad_out, shape ids.shape + (embedding_dim,), of the last
+        training-mode forward. Ids have no gradient, so nothing is returned."""
+        if self._ids_shape is None:
+            raise RuntimeError("backward() needs a forward() in training mode first")
+        grad_out = as_input(grad_out, self.dtype, self.embedding_dim, "grad_out")
+        expected = self._ids_shape + (self.embedding_dim,)
+        if grad_out.shape != expected:
+            raise ValueError(f"grad_out must have shape {expected}, got {grad_out.shape}")
+        self._core.backward(grad_out.reshape(-1, self.embedding_dim))
+
+    def __repr__(self) -> str:
+        return (f"LoraEmbedding(num_embeddings={self.num_embeddings}, "
+                f"embedding_dim={self.embedding_dim}, r={self.r}, lora_alpha={self.lora_alpha:g}, "
+                f"scaling={self.scaling:g}, dtype={self.dtype}, merged={self.merged}, "
+                f"training={self.training})")

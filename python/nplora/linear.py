@@ -1,0 +1,166 @@
+"""LoraLinear: a frozen linear layer with a trainable low-rank update, on NumPy arrays."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+
+from . import _core
+from ._arrays import (
+    as_input,
+    as_vector,
+    as_weight,
+    check_dropout,
+    check_int,
+    check_real,
+    init_mode,
+    output_array,
+    resolve_seed,
+)
+from ._layer import LoraLayerBase
+
+_CORE_LINEAR = {np.dtype(np.float32): _core.LoraLinear_float32, np.dtype(np.float64): _core.LoraLinear_float64}
+
+
+class LoraLinear(LoraLayerBase):
+    """A frozen linear layer plus a trainable low-rank update (PEFT's LoRA ``Linear``).
+
+    ``y = x @ W.T + bias + scaling * dropout(x) @ lora_A.T @ lora_B.T``
+
+    Parameters
+    ----------
+    weight : array_like, shape (out_features, in_features), or (in_features, out_features) when
+        ``fan_in_fan_out`` is True
+        The frozen base weight. A C-contiguous float32/float64 array is used in place (not copied):
+        ``merge()`` writes into it. Other layouts are copied; the layer's dtype is the weight's.
+    bias : array_like, shape (out_features,), optional
+        Frozen bias, cast to the weight's dtype.
+    r : int
+        Rank of the update (>= 1; may exceed min(in, out), as in PEFT).
+    lora_alpha : float
+        Scale numerator: scaling = lora_alpha / r (or / sqrt(r) with ``use_rslora``).
+    lora_dropout : float
+        Dropout probability on the LoRA branch's input in training mode, in [0, 1).
+    use_rslora : bool
+        Rank-stabilised scaling lora_alpha / sqrt(r).
+    init_lora_weights : True, False or "gaussian"
+        As PEFT: True = A kaiming-uniform (bound 1/sqrt(in)), B zeros; "gaussian" = A ~ N(0, 1/r^2),
+        B zeros; False = both random (the update is non-zero from the start).
+    fan_in_fan_out : bool
+        The weight is stored as (in_features, out_features) (GPT-2's Conv1D).
+    seed : int, optional
+        Seeds the initialisation and the dropout stream; None draws fresh entropy.
+
+    Attributes
+    ----------
+    lora_A : ndarray, shape (r, in_features)
+    lora_B : ndarray, shape (out_features, r)
+    lora_A_grad, lora_B_grad : ndarray, same shapes
+        Writable arrays sharing the layer's memory; assigning a whole array copies it in after
+        checking its shape.
+    """
+
+    _param_names = ("lora_A", "lora_B")
+
+    def __init__(self, weight: Any, bias: Any = None, *, r: int = 8, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, use_rslora: bool = False,
+                 init_lora_weights: bool | Literal["gaussian"] = True, fan_in_fan_out: bool = False,
+                 seed: int | None = None) -> None:
+        weight = as_weight(weight)
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+        out_features = weight.shape[1] if self.fan_in_fan_out else weight.shape[0]
+        if bias is not None:
+            bias = as_vector(bias, weight.dtype, out_features, "bias")
+        self.lora_alpha = check_real("lora_alpha", lora_alpha)
+        self.lora_dropout = check_dropout(lora_dropout)
+        self.use_rslora = bool(use_rslora)
+        self.init_lora_weights = init_lora_weights
+        self._weight = weight
+        self._bias = bias
+        self._core = _CORE_LINEAR[weight.dtype](
+            weight, bias, self.fan_in_fan_out, check_int("r", r, 1), self.lora_alpha,
+            self.lora_dropout, self.use_rslora, init_mode(init_lora_weights), resolve_seed(seed))
+        self.training = True
+        self._batch_shape: tuple[int, ...] | None = None
+
+    @property
+    def bias(self) -> np.ndarray | None:
+        """The frozen bias, shape (out_features,), or None."""
+        return self._bias
+
+    @property
+    def in_features(self) -> int:
+        """Width of the input."""
+        return int(self._core.in_features)
+
+    @property
+    def out_features(self) -> int:
+        """Width of the output."""
+        return int(self._core.out_features)
+
+    lora_A = property(lambda self: self._core.lora_A,
+                      lambda self, value: setattr(self._core, "lora_A", value),
+                      doc="Trainable A, shape (r, in_features), sharing the layer's memory.")
+    lora_B = property(lambda self: self._core.lora_B,
+                      lambda self, value: setattr(self._core, "lora_B", value),
+                      doc="Trainable B, shape (out_features, r), sharing the layer's memory.")
+    lora_A_grad = property(lambda self: self._core.lora_A_grad,
+                           lambda self, value: setattr(self._core, "lora_A_grad", value),
+                           doc="Accumulated gradient of lora_A, shape (r, in_features).")
+    lora_B_grad = property(lambda self: self._core.lora_B_grad,
+                           lambda self, value: setattr(self._core, "lora_B_grad", value),
+                           doc="Accumulated gradient of lora_B, shape (out_features, r).")
+
+    def forward(self, x: Any, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Apply the layer.
+
+        Parameters
+        ----------
+        x : array_like, shape (..., in_features)
+            Inputs of another real dtype are cast to the layer's dtype.
+        out : ndarray, shape (..., out_features), optional
+            C-contiguous array of the layer's dtype to write the result into.
+
+        Returns
+        -------
+        ndarray, shape (..., out_features)
+        """
+        x = as_input(x, self.dtype, self.in_features)
+        batch_shape = x.shape[:-1]
+        y = output_array(out, batch_shape + (self.out_features,), self.dtype, (x,))
+        self._core.forward(x.reshape(-1, self.in_features), y.reshape(-1, self.out_features),
+                           self.training)
+        self._batch_shape = batch_shape if self.training else None
+        return y
+
+    def backward(self, grad_y: Any) -> np.ndarray:
+        """Back-propagate through the last training-mode forward.
+
+        Adds to ``lora_A_grad`` and ``lora_B_grad`` (call ``zero_grad()`` between steps).
+
+        Parameters
+        ----------
+        grad_y : array_like, shape (..., out_features)
+            Gradient of the loss with respect to the last output.
+
+        Returns
+        -------
+        ndarray, shape (..., in_features)
+            Gradient of the loss with respect to the last input.
+        """
+        if self._batch_shape is None:
+            raise RuntimeError("backward() needs a forward() in training mode first")
+        grad_y = as_input(grad_y, self.dtype, self.out_features, "grad_y")
+        expected = self._batch_shape + (self.out_features,)
+        if grad_y.shape != expected:
+            raise ValueError(f"grad_y must have shape {expected}, got {grad_y.shape}")
+        grad_x = np.empty(self._batch_shape + (self.in_features,), dtype=self.dtype)
+        self._core.backward(grad_y.reshape(-1, self.out_features),
+                            grad_x.reshape(-1, self.in_features))
+        return grad_x
+
+    def __repr__(self) -> str:
+        return (f"LoraLinear(in_features={self.in_features}, out_features={self.out_features}, "
+                f"r={self.r}, lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, "
+                f"dtype={self.dtype}, merged={self.merged}, training={self.training})")

@@ -1,0 +1,138 @@
+"""Optimizers that update LoRA parameters in place with one fused C++ pass per array."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from ._arrays import check_real
+
+ParamGrad = tuple[np.ndarray, np.ndarray]
+
+
+def collect_parameters(params: Any) -> list[ParamGrad]:
+    """(parameter, gradient) pairs from a layer, a model, a list of those, or of (param, grad) pairs.
+
+    Anything with ``named_parameters()`` and ``named_grads()`` (nplora's layers and models) counts.
+    """
+    if hasattr(params, "named_parameters") and hasattr(params, "named_grads"):
+        found = [(p, g) for (_, p), (_, g) in zip(params.named_parameters(), params.named_grads())]
+    elif isinstance(params, tuple) and len(params) == 2 and all(isinstance(a, np.ndarray) for a in params):
+        found = [params]
+    elif isinstance(params, Iterable) and not isinstance(params, (str, bytes, np.ndarray)):
+        found = [pair for item in params for pair in collect_parameters(item)]
+    else:
+        raise TypeError("params must be a layer, a model, or a list of layers or (param, grad) "
+                        f"pairs, got {type(params).__name__}")
+    for param, grad in found:
+        if param.shape != grad.shape or param.dtype != grad.dtype:
+            raise ValueError(f"gradient {grad.shape} {grad.dtype} does not match parameter "
+                             f"{param.shape} {param.dtype}")
+        if param.dtype not in (np.float32, np.float64):
+            raise TypeError(f"parameters must be float32 or float64, got {param.dtype}")
+    return found
+
+
+class Optimizer:
+    """Base class: holds (parameter, gradient) pairs; ``zero_grad()`` clears the gradients."""
+
+    def __init__(self, params: Any) -> None:
+        self.params = collect_parameters(params)
+        if not self.params:
+            raise ValueError("the optimizer got no parameters")
+
+    def zero_grad(self) -> None:
+        """Set every gradient to zero."""
+        for _, grad in self.params:
+            grad.fill(0)
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+
+class AdamW(Optimizer):
+    """AdamW with decoupled weight decay, as ``torch.optim.AdamW``, fused in C++.
+
+    Parameters
+    ----------
+    params : layer, model, or list of layers or (param, grad) pairs
+        What to update (lora_A and lora_B of each layer).
+    lr : float
+        Learning rate.
+    betas : (float, float)
+        Decay rates of the first and second moment.
+    eps : float
+        Added to the denominator.
+    weight_decay : float
+        Decoupled weight decay (PyTorch's default 0.01).
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+        super().__init__(params)
+        self.lr = check_real("lr", lr)
+        self.betas = (check_real("betas[0]", betas[0]), check_real("betas[1]", betas[1]))
+        self.eps = check_real("eps", eps)
+        self.weight_decay = check_real("weight_decay", weight_decay)
+        self.state = [(np.zeros_like(p), np.zeros_like(p)) for p, _ in self.params]
+        self.step_count = 0
+
+    def step(self) -> None:
+        """Update every parameter in place from its gradient."""
+        self.step_count += 1
+        for (param, grad), (exp_avg, exp_avg_sq) in zip(self.params, self.state):
+            _core.adamw_step(param, grad, exp_avg, exp_avg_sq, self.lr, self.betas[0],
+                             self.betas[1], self.eps, self.weight_decay, self.step_count)
+
+    def __repr__(self) -> str:
+        return (f"AdamW(lr={self.lr:g}, betas={self.betas}, eps={self.eps:g}, "
+                f"weight_decay={self.weight_decay:g}, params={len(self.params)}, "
+                f"steps={self.step_count})")
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with momentum, as ``torch.optim.SGD``, fused in C++.
+
+    Parameters
+    ----------
+    params : layer, model, or list of layers or (param, grad) pairs
+    lr : float
+        Learning rate.
+    momentum : float
+        Momentum factor (0 disables it).
+    dampening : float
+        Dampening of the momentum.
+    weight_decay : float
+        L2 penalty added to the gradient.
+    nesterov : bool
+        Nesterov momentum (needs momentum > 0 and dampening 0).
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-2, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False) -> None:
+        super().__init__(params)
+        self.lr = check_real("lr", lr)
+        self.momentum = check_real("momentum", momentum)
+        self.dampening = check_real("dampening", dampening)
+        self.weight_decay = check_real("weight_decay", weight_decay)
+        self.nesterov = bool(nesterov)
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("nesterov needs momentum > 0 and dampening == 0")
+        self.momentum_buffers = [np.zeros_like(p) for p, _ in self.params]
+        self.step_count = 0
+
+    def step(self) -> None:
+        """Update every parameter in place from its gradient."""
+        first = self.step_count == 0
+        self.step_count += 1
+        for (param, grad), buf in zip(self.params, self.momentum_buffers):
+            _core.sgd_step(param, grad, buf, self.lr, self.momentum, self.dampening,
+                           self.weight_decay, self.nesterov, first)
+
+    def __repr__(self) -> str:
+        return (f"SGD(lr={self.lr:g}, momentum={self.momentum:g}, dampening={self.dampening:g}, "
+                f"weight_decay={self.weight_decay:g}, nesterov={self.nesterov}, "
+                f"params={len(self.params)}, steps={self.step_count})")
