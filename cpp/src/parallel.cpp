@@ -91,8 +91,9 @@ private:
         }
     }
 
-    void worker_loop(int index) {
-        std::uint64_t seen = 0;
+    // `seen` starts at the generation current when the worker was created: a worker must never
+    // take an earlier job (whose body may be gone) for a new one.
+    void worker_loop(int index, std::uint64_t seen) {
         for (;;) {
             {
                 std::unique_lock<std::mutex> lock(mutex_);
@@ -126,7 +127,12 @@ private:
         }
         while (static_cast<int>(workers_.size()) < workers) {
             const int index = static_cast<int>(workers_.size());
-            workers_.push_back(new std::thread([this, index] { worker_loop(index); }));
+            std::uint64_t current;
+            {
+                std::lock_guard<std::mutex> lock(mutex_);
+                current = generation_;
+            }
+            workers_.push_back(new std::thread([this, index, current] { worker_loop(index, current); }));
         }
     }
 

@@ -193,7 +193,22 @@ void test_optimizers() {
 
 }  // namespace
 
+// Resizing the pool between jobs must not replay an old job on a new worker.
+void test_pool_resize() {
+    for (int round = 0; round < 50; ++round) {
+        set_num_threads(1 + round % 3);
+        std::vector<int> hits(1000, 0);
+        parallel_for(1000, 1, [&](Index begin, Index end) {
+            for (Index i = begin; i < end; ++i) hits[static_cast<std::size_t>(i)] += 1;
+        });
+        bool once = true;
+        for (int h : hits) once = once && h == 1;
+        expect(once, "every index visited exactly once after a resize");
+    }
+}
+
 int main() {
+    test_pool_resize();
     for (int threads : {1, 2}) {
         set_num_threads(threads);
         test_linear_forward_and_merge(false);

@@ -19,7 +19,7 @@ def as_ids(ids: Any) -> np.ndarray:
     array = np.asarray(ids)
     if array.dtype.kind not in "iu":
         raise TypeError(f"ids must be integers, got dtype {array.dtype}")
-    return np.ascontiguousarray(array, dtype=np.int64)
+    return np.asarray(array, dtype=np.int64, order="C")  # (ascontiguousarray would make 0-D 1-D)
 
 
 class LoraEmbedding(LoraLayerBase):

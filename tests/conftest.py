@@ -1,0 +1,37 @@
+"""Shared fixtures: dtypes with their tolerances, seeded generators, and both product backends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import nplora
+
+# (dtype, rtol, atol): float64 is checked tightly, float32 loosely.
+TOLERANCES = {np.float32: (2e-5, 2e-5), np.float64: (1e-12, 1e-12)}
+
+
+@pytest.fixture(params=[np.float32, np.float64], ids=["float32", "float64"])
+def dtype(request):
+    return request.param
+
+
+@pytest.fixture
+def tol(dtype):
+    rtol, atol = TOLERANCES[dtype]
+    return {"rtol": rtol, "atol": atol}
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(params=["numpy", "eigen"])
+def backend(request):
+    """Runs a test on NumPy's BLAS and on the Eigen fallback, restoring NumPy's afterwards."""
+    used = nplora.use_blas(request.param)
+    if used != request.param:
+        pytest.skip(f"backend {request.param} not available here")
+    yield request.param
+    nplora.use_blas("numpy")

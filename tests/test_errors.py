@@ -1,0 +1,97 @@
+"""Bad input gets a clear exception naming the shape, dtype or option: never a crash."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import nplora
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"r": 0}, ValueError, "r must be >= 1, got 0"),
+    ({"r": -3}, ValueError, "r must be >= 1"),
+    ({"r": 2.5}, TypeError, "r must be an int"),
+    ({"r": True}, TypeError, "r must be an int"),
+    ({"lora_alpha": float("nan")}, ValueError, "lora_alpha must be finite"),
+    ({"lora_alpha": float("inf")}, ValueError, "lora_alpha must be finite"),
+    ({"lora_alpha": "8"}, TypeError, "lora_alpha must be a real number"),
+    ({"lora_dropout": 1.0}, ValueError, r"lora_dropout must be in \[0, 1\)"),
+    ({"lora_dropout": -0.1}, ValueError, "lora_dropout"),
+    ({"seed": -1}, ValueError, "seed"),
+    ({"init_lora_weights": "nope"}, NotImplementedError, "nope"),
+])
+def test_bad_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        nplora.LoraLinear(np.zeros((3, 4)), **kwargs)
+    if "lora_dropout" not in kwargs:
+        with pytest.raises(error, match=match):
+            nplora.LoraEmbedding(np.zeros((3, 4)), **kwargs)
+
+
+@pytest.mark.parametrize("weight,error,match", [
+    (np.zeros(4), ValueError, r"weight must be 2-D, got shape \(4,\)"),
+    (np.zeros((2, 3, 4)), ValueError, r"weight must be 2-D, got shape \(2, 3, 4\)"),
+    (np.zeros((0, 4)), ValueError, "must not be empty"),
+    (np.zeros((3, 4), np.float16), TypeError, "weight must be float32 or float64, got float16"),
+    (np.zeros((3, 4), np.int64), TypeError, "got int64"),
+    (np.zeros((3, 4), complex), TypeError, "complex128"),
+])
+def test_bad_weights(weight, error, match):
+    with pytest.raises(error, match=match):
+        nplora.LoraLinear(weight)
+    with pytest.raises(error, match=match):
+        nplora.LoraEmbedding(weight)
+
+
+def test_bad_bias():
+    with pytest.raises(ValueError, match=r"bias must have shape \(3,\), got \(4,\)"):
+        nplora.LoraLinear(np.zeros((3, 4)), np.zeros(4))
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\), got \(3,\)"):
+        nplora.LoraLinear(np.zeros((3, 4)), np.zeros(3), fan_in_fan_out=True)
+    with pytest.raises(TypeError, match="bias must be real"):
+        nplora.LoraLinear(np.zeros((3, 4)), np.array(["a", "b", "c"]))
+
+
+def test_bad_inputs():
+    layer = nplora.LoraLinear(np.zeros((3, 4), np.float32), r=2)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 4\), got \(2, 5\)"):
+        layer(np.zeros((2, 5)))
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 4\), got \(\)"):
+        layer(np.float32(1.0))
+    with pytest.raises(TypeError, match="x must be real numbers, got dtype <U1"):
+        layer(np.array(["a", "b", "c", "d"]))
+    layer(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"grad_y must have shape \(2, 3\), got \(5, 3\)"):
+        layer.backward(np.zeros((5, 3)))
+    x = np.zeros((2, 4), np.float32)
+    with pytest.raises(ValueError, match="overlap"):
+        nplora.LoraLinear(np.zeros((4, 4), np.float32), r=1)(x, out=x)
+
+
+def test_core_module_rejects_wrong_arrays_without_copying():
+    # The bindings never convert silently: a float64 output for a float32 layer is a TypeError.
+    from nplora import _core
+
+    core = _core.LoraLinear_float32(np.zeros((3, 4), np.float32), None, False, 2, 2.0, 0.0, False, 0, 0)
+    with pytest.raises(TypeError):
+        core.forward(np.zeros((2, 4), np.float32), np.zeros((2, 3), np.float64), False)
+    with pytest.raises(ValueError, match=r"y must have shape \(2, 3\), got \(2, 2\)"):
+        core.forward(np.zeros((2, 4), np.float32), np.zeros((2, 2), np.float32), False)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        core.forward(np.zeros((2, 8), np.float32)[:, ::2], np.zeros((2, 3), np.float32), False)
+    read_only = np.zeros((2, 3), np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        core.forward(np.zeros((2, 4), np.float32), read_only, False)
+
+
+def test_threads_setting():
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        nplora.set_num_threads(0)
+    with pytest.raises(TypeError):
+        nplora.set_num_threads(1.5)
+    before = nplora.get_num_threads()
+    nplora.set_num_threads(1)
+    assert nplora.get_num_threads() == 1
+    nplora.set_num_threads(before)

@@ -1,0 +1,119 @@
+"""AdamW and SGD against PyTorch's update rules, written out in NumPy (and torch itself if present)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import nplora
+
+
+def adamw_reference(p, grads, lr, betas, eps, wd):
+    m = np.zeros_like(p)
+    v = np.zeros_like(p)
+    for t, g in enumerate(grads, start=1):
+        p = p * (1 - lr * wd)
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        p = p - lr / (1 - betas[0] ** t) * m / (np.sqrt(v) / np.sqrt(1 - betas[1] ** t) + eps)
+    return p
+
+
+def sgd_reference(p, grads, lr, momentum, dampening, wd, nesterov):
+    buf = None
+    for g in grads:
+        d = g + wd * p
+        if momentum:
+            buf = d.copy() if buf is None else momentum * buf + (1 - dampening) * d
+            d = d + momentum * buf if nesterov else buf
+        p = p - lr * d
+    return p
+
+
+def run_optimizer(make_optimizer, dtype, rng, steps=4):
+    param = rng.standard_normal((3, 4)).astype(dtype)
+    grad = np.zeros_like(param)
+    start = param.copy()
+    grads = [rng.standard_normal(param.shape).astype(dtype) for _ in range(steps)]
+    optimizer = make_optimizer([(param, grad)])
+    for g in grads:
+        grad[...] = g
+        optimizer.step()
+    return start, grads, param
+
+
+def test_adamw_matches_pytorch_rule(dtype, rng):
+    start, grads, result = run_optimizer(
+        lambda p: nplora.AdamW(p, lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1), dtype, rng)
+    expected = adamw_reference(start.astype(np.float64), grads, 0.05, (0.8, 0.95), 1e-6, 0.1)
+    np.testing.assert_allclose(result, expected, rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("momentum,dampening,wd,nesterov",
+                         [(0.0, 0.0, 0.0, False), (0.9, 0.0, 0.01, False), (0.9, 0.1, 0.0, False),
+                          (0.9, 0.0, 0.05, True)])
+def test_sgd_matches_pytorch_rule(dtype, rng, momentum, dampening, wd, nesterov):
+    start, grads, result = run_optimizer(
+        lambda p: nplora.SGD(p, lr=0.1, momentum=momentum, dampening=dampening, weight_decay=wd,
+                             nesterov=nesterov), dtype, rng)
+    expected = sgd_reference(start.astype(np.float64), grads, 0.1, momentum, dampening, wd, nesterov)
+    np.testing.assert_allclose(result, expected, rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+def test_adamw_and_sgd_match_torch_when_installed(rng):
+    torch = pytest.importorskip("torch")
+    for make_ours, make_theirs in [
+        (lambda p: nplora.AdamW(p, lr=0.01, weight_decay=0.05),
+         lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.05)),
+        (lambda p: nplora.SGD(p, lr=0.01, momentum=0.9, nesterov=True),
+         lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, nesterov=True)),
+    ]:
+        start, grads, ours = run_optimizer(make_ours, np.float64, rng)
+        tensor = torch.nn.Parameter(torch.from_numpy(start.copy()))
+        optimizer = make_theirs([tensor])
+        for g in grads:
+            tensor.grad = torch.from_numpy(g)
+            optimizer.step()
+        np.testing.assert_allclose(ours, tensor.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_optimizers_take_layers_and_lists(rng):
+    one = nplora.LoraLinear(rng.standard_normal((4, 3)), r=2, init_lora_weights=False, seed=1)
+    two = nplora.LoraEmbedding(rng.standard_normal((5, 3)), r=2, init_lora_weights=False, seed=2)
+    assert len(nplora.AdamW(one).params) == 2
+    optimizer = nplora.SGD([one, two], lr=1.0)
+    assert len(optimizer.params) == 4
+    one.lora_A_grad[...] = 1.0
+    before = one.lora_A.copy()
+    optimizer.step()
+    np.testing.assert_allclose(one.lora_A, before - 1.0)  # updated in place, in the layer
+    optimizer.zero_grad()
+    assert not one.lora_A_grad.any()
+    with pytest.raises(TypeError, match="params must be"):
+        nplora.AdamW(42)
+    with pytest.raises(ValueError, match="no parameters"):
+        nplora.AdamW([])
+    with pytest.raises(ValueError, match="lr must be finite"):
+        nplora.AdamW(one, lr=float("nan"))
+    with pytest.raises(ValueError, match="beta1 must be in"):
+        nplora.AdamW(one, betas=(1.0, 0.9)).step()
+
+
+def test_training_fits_a_low_rank_target(rng):
+    # The frozen weight is off by a rank-2 matrix; LoRA with r=2 must learn it.
+    in_features, out_features = 12, 10
+    target = rng.standard_normal((out_features, in_features))
+    low_rank = rng.standard_normal((out_features, 2)) @ rng.standard_normal((2, in_features))
+    layer = nplora.LoraLinear(target - low_rank, r=2, lora_alpha=2, seed=0)
+    optimizer = nplora.AdamW(layer, lr=0.02, weight_decay=0.0)
+    x = rng.standard_normal((256, in_features))
+    y = x @ target.T
+    losses = []
+    for _ in range(600):
+        optimizer.zero_grad()
+        err = layer(x) - y
+        losses.append(float(np.mean(err**2)))
+        layer.backward(2 * err / err.size)
+        optimizer.step()
+    assert losses[-1] < 1e-3 * losses[0]
+    np.testing.assert_allclose(layer.delta_weight(), low_rank, atol=0.05)
