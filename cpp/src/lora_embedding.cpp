@@ -50,7 +50,7 @@ void LoraEmbedding<T>::forward(const std::int64_t* ids, Index n, MatrixRef<T> ou
 
     RowMap<T> result = map(out);
     const ConstRowMap<T> table = map(as_const(table_));
-    if (merged_) {
+    if (merged_ || !adapter_enabled_) {
         parallel_for(n, 16, [&](Index begin, Index end) {
             for (Index i = begin; i < end; ++i) result.row(i) = table.row(ids[i]);
         });
@@ -83,7 +83,8 @@ void LoraEmbedding<T>::backward(MatrixRef<const T> grad_out) {
         throw std::runtime_error("backward() needs a forward() in training mode first");
     if (cache_merged_)
         throw std::runtime_error(
-            "backward() after a forward through merged weights: unmerge() before training");
+            "backward() after a forward through merged weights (or with the adapter disabled): "
+            "unmerge() or enable the adapter before training");
     const Index n = static_cast<Index>(cached_ids_.size());
     check_shape("grad_out", grad_out.rows, grad_out.cols, n, dim_);
     const Index r = options_.r;
@@ -103,21 +104,18 @@ void LoraEmbedding<T>::backward(MatrixRef<const T> grad_out) {
 }
 
 template <class T>
-void LoraEmbedding<T>::add_scaled_delta(T sign) {
-    if (weight_read_only_)
-        throw std::invalid_argument(
-            "weight is read-only (memory-mapped or a read-only array): merging writes into it, "
-            "so give the layer a writable copy (weight.copy())");
-    const Index r = options_.r;
+void LoraEmbedding<T>::add_delta_to(MatrixRef<T> target, T sign) const {
+    check_shape("target", target.rows, target.cols, num_, dim_);
     // E += s A^T B^T, in place
-    gemm(Trans::Yes, Trans::Yes, num_, dim_, r, sign * scaling_, a_.data(), num_, b_.data(), r, T(1),
-         table_.data, table_.row_stride);
+    gemm(Trans::Yes, Trans::Yes, num_, dim_, options_.r, sign * scaling_, a_.data(), num_, b_.data(),
+         options_.r, T(1), target.data, target.row_stride);
 }
 
 template <class T>
 bool LoraEmbedding<T>::merge() {
     if (merged_) return false;
-    add_scaled_delta(T(1));
+    if (weight_read_only_) throw std::invalid_argument(kReadOnlyMessage);
+    add_delta_to(table_, T(1));
     merged_ = true;
     return true;
 }
@@ -125,7 +123,7 @@ bool LoraEmbedding<T>::merge() {
 template <class T>
 bool LoraEmbedding<T>::unmerge() {
     if (!merged_) return false;
-    add_scaled_delta(T(-1));
+    add_delta_to(table_, T(-1));
     merged_ = false;
     return true;
 }

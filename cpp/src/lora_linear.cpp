@@ -47,7 +47,7 @@ void LoraLinear<T>::forward(MatrixRef<const T> x, MatrixRef<T> y, bool training)
         map(y).rowwise() += bias;
     }
     if (!training) clear_cache();
-    if (merged_) {
+    if (merged_ || !adapter_enabled_) {
         if (training) {
             cache_valid_ = true;
             cache_merged_ = true;
@@ -98,7 +98,8 @@ void LoraLinear<T>::backward(MatrixRef<const T> grad_y, MatrixRef<T> grad_x) {
         throw std::runtime_error("backward() needs a forward() in training mode first");
     if (cache_merged_)
         throw std::runtime_error(
-            "backward() after a forward through merged weights: unmerge() before training");
+            "backward() after a forward through merged weights (or with the adapter disabled): "
+            "unmerge() or enable the adapter before training");
     const Index n = cached_input_.rows();
     check_shape("grad_y", grad_y.rows, grad_y.cols, n, out_);
     if (grad_x.data) check_shape("grad_x", grad_x.rows, grad_x.cols, n, in_);
@@ -134,25 +135,23 @@ void LoraLinear<T>::backward(MatrixRef<const T> grad_y, MatrixRef<T> grad_x) {
 }
 
 template <class T>
-void LoraLinear<T>::add_scaled_delta(T sign) {
-    if (weight_read_only_)
-        throw std::invalid_argument(
-            "weight is read-only (memory-mapped or a read-only array): merging writes into it, "
-            "so give the layer a writable copy (weight.copy())");
+void LoraLinear<T>::add_delta_to(MatrixRef<T> target, T sign) const {
+    check_shape("target", target.rows, target.cols, weight_.rows, weight_.cols);
     const Index r = options_.r;
-    // A rank-r update written straight into W: no temporary of W's size.
+    // A rank-r update written straight into the target: no temporary of W's size.
     if (fan_in_fan_out_)
         gemm(Trans::Yes, Trans::Yes, in_, out_, r, sign * scaling_, a_.data(), in_, b_.data(), r,
-             T(1), weight_.data, weight_.row_stride);
+             T(1), target.data, target.row_stride);
     else
         gemm(Trans::No, Trans::No, out_, in_, r, sign * scaling_, b_.data(), r, a_.data(), in_, T(1),
-             weight_.data, weight_.row_stride);
+             target.data, target.row_stride);
 }
 
 template <class T>
 bool LoraLinear<T>::merge() {
     if (merged_) return false;
-    add_scaled_delta(T(1));
+    if (weight_read_only_) throw std::invalid_argument(kReadOnlyMessage);
+    add_delta_to(weight_, T(1));
     merged_ = true;
     return true;
 }
@@ -160,7 +159,7 @@ bool LoraLinear<T>::merge() {
 template <class T>
 bool LoraLinear<T>::unmerge() {
     if (!merged_) return false;
-    add_scaled_delta(T(-1));
+    add_delta_to(weight_, T(-1));
     merged_ = false;
     return true;
 }

@@ -7,6 +7,10 @@
 
 namespace nplora {
 
+const char* const kReadOnlyMessage =
+    "weight is read-only (memory-mapped or a read-only array): merging writes into it, so give "
+    "the layer a writable copy (weight.copy())";
+
 void validate(const LoraOptions& options) {
     if (options.r < 1)
         throw std::invalid_argument("r must be >= 1, got " + std::to_string(options.r));

@@ -58,6 +58,7 @@ void bind_linear_for(py::module_& m) {
         .def_property_readonly("merged", &Layer::merged)
         .def_property_readonly("fan_in_fan_out", &Layer::fan_in_fan_out)
         .def_property_readonly("weight_read_only", &Layer::weight_read_only)
+        .def_property("adapter_enabled", &Layer::adapter_enabled, &Layer::set_adapter_enabled)
         .def_property_readonly("seed", [](const Layer& l) { return l.options().seed; });
 
     cls.def(
@@ -101,6 +102,15 @@ void bind_linear_for(py::module_& m) {
             layer.delta_weight(view);
         },
         py::arg("out").noconvert());
+    cls.def(
+        "add_delta_to",
+        [](const Layer& layer, Array<T>& target, T sign) {
+            const MatrixRef<T> view = mutable_matrix_view(target, "target");
+            py::gil_scoped_release release;
+            layer.add_delta_to(view, sign);
+        },
+        py::arg("target").noconvert(), py::arg("sign"),
+        "target += sign * scaling * delta in place (target shaped like the weight).");
     cls.def("zero_grad", &Layer::zero_grad, py::call_guard<py::gil_scoped_release>());
     cls.def(
         "reset_lora_parameters",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +27,8 @@ class LoraLayerBase:
     _bias: np.ndarray | None
 
     training: bool
+    lora_alpha: float
+    use_rslora: bool
 
     @property
     def weight(self) -> np.ndarray:
@@ -44,8 +47,9 @@ class LoraLayerBase:
 
     @property
     def scaling(self) -> float:
-        """lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
-        return float(self._core.scaling)
+        """lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (the kernels use it in the layer's dtype)."""
+        r = self.r
+        return self.lora_alpha / (math.sqrt(r) if self.use_rslora else r)
 
     @property
     def merged(self) -> bool:
@@ -63,14 +67,47 @@ class LoraLayerBase:
         """Set evaluation mode (no dropout, nothing kept); returns self."""
         return self.train(False)
 
-    def merge(self) -> None:
+    @property
+    def adapter_enabled(self) -> bool:
+        """False runs the base layer alone (PEFT's ``disable_adapters``); disabling unmerges first."""
+        return bool(self._core.adapter_enabled)
+
+    @adapter_enabled.setter
+    def adapter_enabled(self, enabled: bool) -> None:
+        if not enabled and self.merged:
+            warnings.warn("Disabling a merged adapter: unmerging it first.", LoraWarning, stacklevel=2)
+            self.unmerge()
+        self._core.adapter_enabled = bool(enabled)
+
+    def merge(self, safe_merge: bool = False) -> None:
         """Add scaling * B @ A into the weight in place (one pass, no weight-sized temporary).
+
+        Parameters
+        ----------
+        safe_merge : bool
+            As PEFT: merge into a copy first and commit only if every value is finite (NaN/Inf
+            raise ValueError and leave the weight untouched). Costs one copy of the weight.
 
         A second merge warns (LoraWarning) and changes nothing. A read-only weight (memory-mapped)
         raises ValueError.
         """
-        if not self._core.merge():
+        if self.merged:
             warnings.warn("Already merged. Nothing to do.", LoraWarning, stacklevel=2)
+            return
+        if safe_merge:
+            candidate = self.merged_weight()
+            if not np.isfinite(candidate).all():
+                raise ValueError("NaNs or infinities detected in the merged weights: the adapter "
+                                 "seems to be broken; the weight was left unchanged")
+        self._core.merge()
+
+    def merged_weight(self) -> np.ndarray:
+        """weight + scaling * B @ A as a new array (the weight itself is not touched)."""
+        if self.merged:
+            return self._weight.copy()
+        target = np.array(self._weight, dtype=self.dtype, order="C", copy=True)
+        self._core.add_delta_to(target, 1.0)
+        return target
 
     def unmerge(self) -> None:
         """Subtract scaling * B @ A from the weight again; warns if nothing is merged."""

@@ -47,12 +47,16 @@ public:
     bool unmerge();
     // out = s (B A)^T, [num_embeddings, embedding_dim] like the table.
     void delta_weight(MatrixRef<T> out) const;
+    // target += sign * s (B A)^T in place, for any array of the table's shape.
+    void add_delta_to(MatrixRef<T> target, T sign) const;
+
+    bool adapter_enabled() const { return adapter_enabled_; }
+    void set_adapter_enabled(bool enabled) { adapter_enabled_ = enabled; }
     void zero_grad();
     void reset_lora_parameters(InitMode mode, std::uint64_t seed);
     void clear_cache();
 
 private:
-    void add_scaled_delta(T sign);
 
     MatrixRef<T> table_;
     Index padding_idx_;
@@ -62,6 +66,7 @@ private:
     T scaling_;
     bool merged_ = false;
     bool weight_read_only_ = false;
+    bool adapter_enabled_ = true;
     RowMatrix<T> a_, b_, a_grad_, b_grad_;
 
     bool cache_valid_ = false;

@@ -55,6 +55,12 @@ public:
     bool unmerge();
     // out = s B A, in the weight's layout ([out, in], or [in, out] with fan_in_fan_out).
     void delta_weight(MatrixRef<T> out) const;
+    // target += sign * s B A in place, for any array of the weight's shape (e.g. a copy of it).
+    void add_delta_to(MatrixRef<T> target, T sign) const;
+
+    // With the adapter disabled, forward is the base layer alone (PEFT's disable_adapters).
+    bool adapter_enabled() const { return adapter_enabled_; }
+    void set_adapter_enabled(bool enabled) { adapter_enabled_ = enabled; }
 
     void zero_grad();
     // Re-draws A and B as PEFT initialises them, and the dropout stream, from `seed`.
@@ -63,7 +69,6 @@ public:
     void clear_cache();
 
 private:
-    void add_scaled_delta(T sign);
 
     MatrixRef<T> weight_;
     const T* bias_;
@@ -74,6 +79,7 @@ private:
     T scaling_;
     bool merged_ = false;
     bool weight_read_only_ = false;
+    bool adapter_enabled_ = true;
 
     RowMatrix<T> a_, b_, a_grad_, b_grad_;
     Rng dropout_rng_;

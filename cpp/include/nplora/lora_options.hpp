@@ -19,6 +19,9 @@ struct LoraOptions {
     std::uint64_t seed = 0;
 };
 
+// The message merge() throws (std::invalid_argument) for a read-only weight.
+extern const char* const kReadOnlyMessage;
+
 // Throws std::invalid_argument naming the option: r >= 1, finite alpha, dropout in [0, 1).
 void validate(const LoraOptions& options);
 
