@@ -10,13 +10,28 @@ from __future__ import annotations
 
 from ._core import __version__
 from ._layer import LoraWarning
+from .adapters import (
+    AdapterError,
+    AdapterFormatError,
+    AdapterMismatchError,
+    AdapterNotFoundError,
+    read_adapter,
+)
+from .config import LoraConfig
 from .embedding import LoraEmbedding
 from .linear import LoraLinear
+from .model import LoraModel, load_adapter
 from .optim import SGD, AdamW, Optimizer
 from .runtime import blas_info, get_num_threads, set_num_threads, use_blas
 
 __all__ = [
     "AdamW",
+    "AdapterError",
+    "AdapterFormatError",
+    "AdapterMismatchError",
+    "AdapterNotFoundError",
+    "LoraConfig",
+    "LoraModel",
     "LoraEmbedding",
     "LoraLinear",
     "LoraWarning",
@@ -25,6 +40,8 @@ __all__ = [
     "__version__",
     "blas_info",
     "get_num_threads",
+    "load_adapter",
+    "read_adapter",
     "set_num_threads",
     "use_blas",
 ]

@@ -21,6 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import add_arguments as add_demo_arguments
 
     add_demo_arguments(demo)
+    from .merge_cli import add_inspect_arguments, add_merge_arguments
+
+    add_merge_arguments(commands.add_parser(
+        "merge", help="fold a LoRA adapter into a safetensors model (streaming, memory-mapped)"))
+    add_inspect_arguments(commands.add_parser("inspect", help="summarise an adapter: config and modules"))
     return parser
 
 

@@ -1,0 +1,75 @@
+"""Mixed batches: every row of one call may use a different adapter (or none)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._arrays import as_input
+from .embedding import as_ids
+
+BASE_NAMES = (None, "__base__")
+
+
+def adapter_indices(adapter_ids: Any, names: Sequence[str], shape: tuple[int, ...]) -> np.ndarray:
+    """adapter_ids (names, indices into `names`, or -1/None/"__base__") as an int64 array of `shape`."""
+    raw = np.asarray(adapter_ids, dtype=object if not isinstance(adapter_ids, np.ndarray) else None)
+    if raw.shape != shape:
+        raise ValueError(f"adapter_ids must have shape {shape} (one per row), got {raw.shape}")
+    if raw.dtype.kind in "iu":
+        indices = raw.astype(np.int64)
+    else:
+        lookup = {name: i for i, name in enumerate(names)}
+        lookup.update({base: -1 for base in BASE_NAMES})
+        flat = []
+        for value in raw.reshape(-1):
+            if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+                flat.append(int(value))
+            elif value in lookup:
+                flat.append(lookup[value])
+            else:
+                raise KeyError(f"adapter_ids names no adapter {value!r}; adapters: {list(names)}")
+        indices = np.array(flat, dtype=np.int64).reshape(shape)
+    bad = (indices < -1) | (indices >= len(names))
+    if bad.any():
+        raise IndexError(f"adapter index {int(indices[bad][0])} is out of range for "
+                         f"{len(names)} adapters (-1 is the base model)")
+    return indices
+
+
+def mixed_forward(module: Any, names: Sequence[str], x: Any, adapter_ids: Any) -> np.ndarray:
+    """Base output for every row, plus, per row, the LoRA branch of that row's adapter."""
+    if module.kind == "embedding":
+        ids = as_ids(x)
+        rows = ids.reshape(-1)
+        table = module.weight
+        out = np.asarray(table[rows], dtype=table.dtype)
+        indices = adapter_indices(adapter_ids, names, ids.shape).reshape(-1)
+        for k, name in enumerate(names):
+            layer = module.layers.get(name)
+            selected = np.nonzero(indices == k)[0]
+            if layer is None or selected.size == 0:
+                continue
+            a, b = layer.lora_embedding_A, layer.lora_embedding_B
+            out[selected] += layer.scaling * (a.T[rows[selected]] @ b.T)
+        return out.reshape(ids.shape + (table.shape[1],))
+
+    weight = module.weight
+    fan_in_fan_out = next(iter(module.layers.values())).fan_in_fan_out
+    in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
+    x = as_input(x, weight.dtype, in_features)
+    batch_shape = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    y = x2 @ (weight if fan_in_fan_out else weight.T)
+    if module.bias is not None:
+        y += module.bias
+    indices = adapter_indices(adapter_ids, names, batch_shape).reshape(-1)
+    for k, name in enumerate(names):
+        layer = module.layers.get(name)
+        selected = np.nonzero(indices == k)[0]
+        if layer is None or selected.size == 0:
+            continue  # rows of an adapter this module does not have run the base alone
+        y[selected] += layer.scaling * ((x2[selected] @ layer.lora_A.T) @ layer.lora_B.T)
+    return y.reshape(batch_shape + (y.shape[-1],))

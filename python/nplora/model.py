@@ -1,0 +1,541 @@
+"""LoraModel: LoRA adapters over a dict of NumPy weights named as Hugging Face names them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import warnings
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Union
+
+import numpy as np
+
+from ._layer import LoraWarning
+from .adapters import (
+    DEFAULT_ADAPTER,
+    AdapterMismatchError,
+    AdapterModule,
+    adapter_directory,
+    check_adapter_name,
+    read_adapter,
+    write_adapter,
+)
+from .config import CONFIG_NAME, LoraConfig
+from .embedding import LoraEmbedding
+from .linear import LoraLinear
+
+Layer = Union[LoraLinear, LoraEmbedding]
+
+# A module whose last name component is one of these is an embedding table (E[ids]), not a linear
+# layer; pass ``embedding_modules=`` to say otherwise. lm_head is a linear layer, as in PEFT.
+EMBEDDING_NAMES = frozenset({
+    "embed_tokens", "embed_positions", "embed_in", "wte", "wpe", "word_embeddings",
+    "position_embeddings", "token_type_embeddings", "tok_embeddings", "shared", "embeddings",
+})
+BASE_ONLY = -1  # an adapter_ids value meaning "the base model alone"
+
+
+def _layer_index(config: LoraConfig, name: str) -> int | None:
+    """The layer number PEFT reads from a module name for layers_to_transform."""
+    patterns = config.layers_pattern
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        match = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def is_target(config: LoraConfig, name: str, is_embedding: bool = False) -> bool:
+    """PEFT's rule (``check_target_module_exists``) for whether module `name` gets an adapter.
+
+    A list of target_modules matches a name equal to an entry or ending in ``"." + entry``; a string
+    is a regex that must match the whole name; ``"all-linear"`` takes every linear module but
+    lm_head. exclude_modules wins; layers_to_transform/layers_pattern filter suffix matches.
+    """
+    exclude = config.exclude_modules
+    if exclude is not None:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, name):
+                return False
+        elif name in exclude or any(name.endswith("." + e) for e in exclude):
+            return False
+    targets = config.target_modules
+    if targets is None:
+        raise ValueError("target_modules must be set: nplora has no per-architecture defaults")
+    if isinstance(targets, str):
+        if targets.lower() == "all-linear":
+            return not is_embedding and name.rsplit(".", 1)[-1] != "lm_head"
+        return re.fullmatch(targets, name) is not None
+    if name in targets:
+        return True
+    if not any(name.endswith("." + t) for t in targets):
+        return False
+    wanted = config.layers_to_transform
+    if wanted is None or (isinstance(wanted, list) and not wanted):
+        return True
+    index = _layer_index(config, name)
+    if index is None:
+        return False
+    return index == wanted if isinstance(wanted, int) else index in wanted
+
+
+class _Module:
+    """One adapted module: its base weight (shared by all its adapters) and a layer per adapter."""
+
+    def __init__(self, path: str, kind: str, weight: np.ndarray, bias: np.ndarray | None) -> None:
+        self.path = path
+        self.kind = kind
+        self.weight = weight
+        self.bias = bias
+        self.layers: dict[str, Layer] = {}
+
+    def merged_adapters(self) -> list[str]:
+        return [name for name, layer in self.layers.items() if layer.merged]
+
+
+class LoraModel:
+    """LoRA adapters on the modules of a model given as a dict of NumPy weights.
+
+    Parameters
+    ----------
+    base_weights : Mapping[str, ndarray]
+        Hugging Face-named weights (``"model.layers.0.self_attn.q_proj.weight"`` [out, in],
+        ``"….bias"`` [out]); a lazily loaded, memory-mapped mapping works (see
+        ``nplora.open_weights``). Targeted weights that are C-contiguous float32/float64 are used
+        in place (in-place merges write into them); float16/bfloat16 ones are widened to float32.
+    config : LoraConfig
+        Which modules get an adapter (target_modules, exclude_modules, layers_to_transform, ...),
+        and with which rank, alpha and initialisation.
+    adapter_name : str
+        Name of this first adapter.
+    embedding_modules : iterable of str, optional
+        Module paths that are embedding tables. By default a module whose last name component is
+        one of ``EMBEDDING_NAMES`` (``embed_tokens``, ``wte``, ``word_embeddings``, ...) is one.
+    seed : int, optional
+        Seeds every layer's initialisation (each module gets its own stream).
+
+    Examples
+    --------
+    >>> model = LoraModel(weights, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    >>> y = model["model.layers.0.self_attn.q_proj"](x)
+    """
+
+    def __init__(self, base_weights: Mapping[str, Any], config: LoraConfig,
+                 adapter_name: str = DEFAULT_ADAPTER, *, embedding_modules: Any = None,
+                 seed: int | None = None) -> None:
+        if not isinstance(base_weights, Mapping):
+            raise TypeError(f"base_weights must be a mapping of name -> array, got "
+                            f"{type(base_weights).__name__}")
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
+        self.base_weights = base_weights
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapter: str | None = None
+        self.embedding_modules = None if embedding_modules is None else frozenset(embedding_modules)
+        self._modules: dict[str, _Module] = {}
+        self._adapters_disabled = False
+        self.add_adapter(adapter_name, config, seed=seed)
+        self.active_adapter = adapter_name
+
+    # ----------------------------------------------------------------- modules and matching
+    def _module_paths(self) -> list[str]:
+        paths = []
+        for key in self.base_weights:
+            if key.endswith(".weight") and len(self._shape(key)) == 2:
+                paths.append(key[: -len(".weight")])
+        return paths
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        shape_of = getattr(self.base_weights, "shape_of", None)
+        return tuple(shape_of(key)) if shape_of else tuple(np.shape(self.base_weights[key]))
+
+    def _is_embedding(self, path: str) -> bool:
+        if self.embedding_modules is not None:
+            return path in self.embedding_modules
+        return path.rsplit(".", 1)[-1] in EMBEDDING_NAMES
+
+    def _matched_paths(self, config: LoraConfig) -> list[str]:
+        paths = self._module_paths()
+        matched = [p for p in paths if is_target(config, p, self._is_embedding(p))]
+        if not matched:
+            raise ValueError(
+                f"target_modules={config.target_modules!r} matched none of the "
+                f"{len(paths)} modules (e.g. {paths[:3]})")
+        targets = config.target_modules
+        if isinstance(targets, list):
+            for target in targets:
+                if not any(p == target or p.endswith("." + target) for p in matched):
+                    warnings.warn(f"target module {target!r} matched no module", LoraWarning,
+                                  stacklevel=3)
+        unmatched = config.unmatched_pattern_keys(matched)
+        for field_name, keys in unmatched.items():
+            for key in keys:
+                warnings.warn(f"{field_name} key {key!r} matched no targeted module", LoraWarning,
+                              stacklevel=3)
+        return matched
+
+    def _module(self, path: str, kind: str) -> _Module:
+        if path in self._modules:
+            module = self._modules[path]
+            if module.kind != kind:
+                raise AdapterMismatchError(f"module {path!r} is a {module.kind} layer, not {kind}")
+            return module
+        weight = self.base_weights[path + ".weight"]
+        if np.dtype(weight.dtype) not in (np.float32, np.float64):
+            weight = np.asarray(weight, dtype=np.float32)  # float16/bfloat16: widened once
+        bias = None
+        if kind == "linear" and path + ".bias" in self.base_weights:
+            bias = np.asarray(self.base_weights[path + ".bias"])
+        module = _Module(path, kind, np.asarray(weight), bias)
+        self._modules[path] = module
+        return module
+
+    # ----------------------------------------------------------------- adapters
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters, in the order they were added (the ints of ``adapter_ids``)."""
+        return list(self.peft_config)
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig, *, seed: int | None = None,
+                    kinds: Mapping[str, str] | None = None) -> None:
+        """Add a new adapter (freshly initialised) on the modules `config` targets.
+
+        The active adapter does not change (use ``set_adapter``).
+        """
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists")
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
+        paths = list(kinds) if kinds is not None else self._matched_paths(config)
+        base_seed = np.random.SeedSequence(seed).generate_state(1, np.uint32)[0] if seed is None \
+            else seed
+        created: list[_Module] = []
+        try:
+            for path in paths:
+                kind = kinds[path] if kinds is not None else (
+                    "embedding" if self._is_embedding(path) else "linear")
+                module = self._module(path, kind)
+                layer_seed = (int(base_seed) * 1_000_003 + zlib.crc32(path.encode())) % 2**63
+                common = dict(r=config.rank_for(path), lora_alpha=config.alpha_for(path),
+                              use_rslora=config.use_rslora,
+                              init_lora_weights=config.init_lora_weights, seed=layer_seed)
+                if kind == "embedding":
+                    layer: Layer = LoraEmbedding(module.weight, **common)
+                else:
+                    layer = LoraLinear(module.weight, module.bias, lora_dropout=config.lora_dropout,
+                                       fan_in_fan_out=config.fan_in_fan_out, **common)
+                layer.adapter_enabled = not self._adapters_disabled
+                module.layers[adapter_name] = layer
+                created.append(module)
+        except BaseException:
+            for module in created:
+                module.layers.pop(adapter_name, None)
+            raise
+        self.peft_config[adapter_name] = config
+        if self.active_adapter is None:
+            self.active_adapter = adapter_name
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the adapter that ``model[name]`` and training use."""
+        if adapter_name not in self.peft_config:
+            raise KeyError(f"no adapter {adapter_name!r}; adapters: {self.adapter_names}")
+        if adapter_name != self.active_adapter and self._merged():
+            warnings.warn("Switching adapters on a merged model: unmerging first.", LoraWarning,
+                          stacklevel=2)
+            self.unmerge_adapter()
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter (unmerged first if it is merged)."""
+        if adapter_name not in self.peft_config:
+            raise KeyError(f"no adapter {adapter_name!r}; adapters: {self.adapter_names}")
+        for module in self._modules.values():
+            layer = module.layers.pop(adapter_name, None)
+            if layer is not None and layer.merged:
+                layer.unmerge()
+        del self.peft_config[adapter_name]
+        self._modules = {p: m for p, m in self._modules.items() if m.layers}
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.peft_config), None)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context in which every module runs the base model alone (merged adapters are unmerged)."""
+        previous = self._adapters_disabled
+        self._set_enabled(False)
+        try:
+            yield
+        finally:
+            self._set_enabled(not previous)
+
+    def _set_enabled(self, enabled: bool) -> None:
+        self._adapters_disabled = not enabled
+        for module in self._modules.values():
+            for layer in module.layers.values():
+                if not enabled and layer.merged:
+                    layer.unmerge()
+                layer.adapter_enabled = enabled
+
+    def _merged(self) -> bool:
+        return any(m.merged_adapters() for m in self._modules.values())
+
+    # ----------------------------------------------------------------- layers
+    @property
+    def targets(self) -> list[str]:
+        """Paths of the modules the active adapter adapts."""
+        return [p for p, m in self._modules.items() if self.active_adapter in m.layers]
+
+    def __getitem__(self, path: str) -> Layer:
+        module = self._modules.get(path)
+        if module is None or self.active_adapter not in module.layers:
+            close = [p for p in self.targets if p.endswith(path.rsplit(".", 1)[-1])][:3]
+            raise KeyError(f"{path!r} has no adapter {self.active_adapter!r}"
+                           + (f"; did you mean one of {close}?" if close else ""))
+        return module.layers[self.active_adapter]
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, str) and path in self._modules and \
+            self.active_adapter in self._modules[path].layers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.targets)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def layers(self, adapter_name: str | None = None) -> dict[str, Layer]:
+        """``{module path: layer}`` of one adapter (the active one by default)."""
+        name = adapter_name or self.active_adapter
+        return {p: m.layers[name] for p, m in self._modules.items() if name in m.layers}
+
+    def train(self, mode: bool = True) -> LoraModel:
+        """Training mode for every layer; returns self."""
+        for module in self._modules.values():
+            for layer in module.layers.values():
+                layer.train(mode)
+        return self
+
+    def eval(self) -> LoraModel:
+        """Evaluation mode for every layer; returns self."""
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        """Zero the gradients of the active adapter."""
+        for layer in self.layers().values():
+            layer.zero_grad()
+
+    def named_parameters(self) -> Iterator[tuple[str, np.ndarray]]:
+        """The active adapter's trainable arrays as ``("<module>.lora_A", array)``, ..."""
+        for path, layer in self.layers().items():
+            for name, array in layer.named_parameters():
+                yield f"{path}.{name}", array
+
+    def named_grads(self) -> Iterator[tuple[str, np.ndarray]]:
+        """The gradients of named_parameters(), in the same order."""
+        for path, layer in self.layers().items():
+            for name, array in layer.named_grads():
+                yield f"{path}.{name}", array
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters of the active adapter, all parameters: base + trainable)."""
+        trainable = sum(a.size for _, a in self.named_parameters())
+        frozen = sum(int(np.prod(self._shape(k))) for k in self.base_weights)
+        return int(trainable), int(frozen + trainable)
+
+    def print_trainable_parameters(self) -> None:
+        """Print ``trainable params: … || all params: … || trainable%: …`` as PEFT does."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, path: str, x: Any, *, adapter_ids: Any = None) -> np.ndarray:
+        """Run module `path` on `x`.
+
+        Parameters
+        ----------
+        path : str
+            Module path, e.g. ``"model.layers.0.self_attn.q_proj"``.
+        x : array_like, shape (..., in_features), or integer ids (...) for an embedding
+        adapter_ids : array_like, shape x.shape[:-1] (ids.shape for an embedding), optional
+            A mixed batch: per row, the adapter to use, as an adapter name or an index into
+            ``adapter_names``; ``-1``, ``None`` or ``"__base__"`` runs the base model alone.
+
+        Returns
+        -------
+        ndarray, shape (..., out_features) (or ids.shape + (embedding_dim,))
+        """
+        if adapter_ids is None:
+            return self[path](x)
+        from .mixed import mixed_forward
+
+        module = self._modules.get(path)
+        if module is None:
+            raise KeyError(f"{path!r} has no adapter")
+        if module.merged_adapters():
+            raise RuntimeError(f"{path!r} has merged adapters: unmerge before a mixed batch")
+        return mixed_forward(module, self.adapter_names, x, adapter_ids)
+
+    # ----------------------------------------------------------------- merging
+    def merge_adapter(self, safe_merge: bool = False) -> None:
+        """Merge the active adapter into the base weights, in place."""
+        for layer in self.layers().values():
+            if not layer.merged:
+                layer.merge(safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Undo every in-place merge."""
+        for module in self._modules.values():
+            for layer in module.layers.values():
+                if layer.merged:
+                    layer.unmerge()
+
+    def merge_and_unload(self, progress: bool = False, safe_merge: bool = False
+                         ) -> dict[str, np.ndarray]:
+        """The base weights with the active adapter merged in, as a new dict.
+
+        Adapted weights are new arrays in the base weight's dtype (float16/bfloat16 bases are merged
+        in float32 and cast back); all others are the base arrays themselves. The model and its
+        base weights are left as they were.
+        """
+        from tqdm.auto import tqdm
+
+        merged: dict[str, np.ndarray] = {}
+        layers = self.layers()
+        for key in tqdm(list(self.base_weights), disable=not progress, desc="merging"):
+            path = key[: -len(".weight")] if key.endswith(".weight") else None
+            layer = layers.get(path) if path is not None else None
+            original = self.base_weights[key]
+            if layer is None or self._adapters_disabled:
+                merged[key] = original
+                continue
+            weight = layer.merged_weight()
+            if safe_merge and not np.isfinite(weight).all():
+                raise ValueError(f"NaNs or infinities in the merged {key}: the adapter seems broken")
+            merged[key] = weight.astype(original.dtype, copy=False)
+        return merged
+
+    # ----------------------------------------------------------------- files
+    def adapter_modules(self, adapter_name: str | None = None) -> dict[str, AdapterModule]:
+        """The adapter's matrices as AdapterModule records (what save_adapter writes)."""
+        name = adapter_name or self.active_adapter
+        config = self.peft_config[name]
+        records = {}
+        for path, layer in self.layers(name).items():
+            params = dict(layer.named_parameters())
+            a, b = (params["lora_A"], params["lora_B"]) if isinstance(layer, LoraLinear) else (
+                params["lora_embedding_A"], params["lora_embedding_B"])
+            records[path] = AdapterModule(
+                path=path, kind="linear" if isinstance(layer, LoraLinear) else "embedding",
+                lora_A=a, lora_B=b, r=layer.r, lora_alpha=config.alpha_for(path),
+                scaling=layer.scaling)
+        return records
+
+    def save_adapter(self, directory: str | os.PathLike[str],
+                     adapter_names: Sequence[str] | None = None) -> None:
+        """Save adapters in PEFT's format: "default" in `directory`, others in ``directory/<name>/``.
+
+        Each file is written to a temporary file and renamed, so an interrupted save leaves the
+        previous adapter readable.
+        """
+        for name in adapter_names or self.adapter_names:
+            if name not in self.peft_config:
+                raise KeyError(f"no adapter {name!r}; adapters: {self.adapter_names}")
+            write_adapter(directory, self.peft_config[name], self.adapter_modules(name), name)
+
+    def load_adapter(self, directory: str | os.PathLike[str], adapter_name: str = DEFAULT_ADAPTER,
+                     *, subfolder: str | None = None) -> None:
+        """Load an adapter from `directory` under the name `adapter_name`.
+
+        The files are read from ``directory/subfolder`` if given, else from
+        ``directory/adapter_name`` when that holds an adapter (the layout save_adapter writes for
+        several adapters), else from `directory` itself. Every tensor is checked
+        against the base weights (shapes) and the config (ranks); modules the config targets but
+        the file lacks, or the file has but the config does not target, are errors.
+        """
+        folder = os.fspath(directory)
+        if subfolder is not None:
+            folder = os.path.join(folder, subfolder)
+        else:
+            nested = adapter_directory(folder, adapter_name)
+            if (nested / CONFIG_NAME).is_file():
+                folder = os.fspath(nested)
+        config, modules = read_adapter(folder)
+        self._add_loaded(adapter_name, config, modules)
+
+    def _add_loaded(self, adapter_name: str, config: LoraConfig,
+                    modules: Mapping[str, AdapterModule]) -> None:
+        self._check_against_base(config, modules)
+        self.add_adapter(adapter_name, config, kinds={p: m.kind for p, m in modules.items()})
+        for path, record in modules.items():
+            layer = self._modules[path].layers[adapter_name]
+            if isinstance(layer, LoraLinear):
+                layer.lora_A, layer.lora_B = record.lora_A, record.lora_B
+            else:
+                layer.lora_embedding_A, layer.lora_embedding_B = record.lora_A, record.lora_B
+
+    def _check_against_base(self, config: LoraConfig, modules: Mapping[str, AdapterModule]) -> None:
+        for path, record in modules.items():
+            key = path + ".weight"
+            if key not in self.base_weights:
+                raise AdapterMismatchError(f"the adapter has module {path!r}, but the base weights "
+                                           f"have no {key!r}")
+            expected = record.base_shape(config.fan_in_fan_out and record.kind == "linear")
+            actual = self._shape(key)
+            if actual != expected:
+                raise AdapterMismatchError(
+                    f"{key} has shape {actual}, but the adapter's lora_A {record.lora_A.shape} and "
+                    f"lora_B {record.lora_B.shape} need {expected}")
+        kinds = {p: m.kind for p, m in modules.items()}
+        targeted = {p for p in self._module_paths()
+                    if is_target(config, p, kinds[p] == "embedding" if p in kinds
+                                 else self._is_embedding(p))}
+        missing, extra = sorted(targeted - set(modules)), sorted(set(modules) - targeted)
+        if missing:
+            raise AdapterMismatchError(
+                f"the config targets {len(missing)} module(s) the adapter file has no tensors for, "
+                f"e.g. {missing[:3]}")
+        if extra:
+            raise AdapterMismatchError(
+                f"the adapter file has tensors for {len(extra)} module(s) its config does not "
+                f"target, e.g. {extra[:3]}")
+
+    def __repr__(self) -> str:
+        trainable, total = self.get_nb_trainable_parameters()
+        return (f"LoraModel(adapters={self.adapter_names}, active={self.active_adapter!r}, "
+                f"modules={len(self.targets)}, trainable={trainable:,d}, total={total:,d})")
+
+
+def load_adapter(directory: str | os.PathLike[str], base_weights: Mapping[str, Any],
+                 adapter_name: str = DEFAULT_ADAPTER, *, subfolder: str | None = None) -> LoraModel:
+    """Load a PEFT-format adapter onto `base_weights` and return the LoraModel.
+
+    Parameters
+    ----------
+    directory : path
+        Folder with adapter_config.json and adapter_model.safetensors (PEFT's save_pretrained).
+    base_weights : Mapping[str, ndarray]
+        Hugging Face-named base weights (a dict, or ``nplora.open_weights(path)``).
+    adapter_name : str
+        Name to give the adapter in the model.
+    subfolder : str, optional
+        Read from ``directory/subfolder`` (a non-default adapter saved beside others).
+    """
+    folder = os.path.join(os.fspath(directory), subfolder) if subfolder else os.fspath(directory)
+    config, modules = read_adapter(folder)
+    model = LoraModel.__new__(LoraModel)
+    model.base_weights = base_weights
+    model.peft_config = {}
+    model.active_adapter = None
+    model.embedding_modules = frozenset(p for p, m in modules.items() if m.kind == "embedding")
+    model._modules = {}
+    model._adapters_disabled = False
+    model._add_loaded(adapter_name, config, modules)
+    return model

@@ -1,0 +1,248 @@
+"""LoraModel over a dict of Hugging Face-named weights: matching, adapters, files, mixed batches."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import nplora
+from nplora import LoraConfig, LoraModel
+
+HIDDEN, VOCAB, LAYERS = 8, 20, 3
+
+
+def toy_weights(rng, dtype=np.float32):
+    weights = {"model.embed_tokens.weight": rng.standard_normal((VOCAB, HIDDEN)).astype(dtype)}
+    for i in range(LAYERS):
+        prefix = f"model.layers.{i}"
+        for name, shape in [("self_attn.q_proj", (HIDDEN, HIDDEN)), ("self_attn.v_proj", (4, HIDDEN)),
+                            ("mlp.up_proj", (12, HIDDEN)), ("mlp.down_proj", (HIDDEN, 12))]:
+            weights[f"{prefix}.{name}.weight"] = rng.standard_normal(shape).astype(dtype)
+        weights[f"{prefix}.self_attn.q_proj.bias"] = rng.standard_normal(HIDDEN).astype(dtype)
+        weights[f"{prefix}.input_layernorm.weight"] = np.ones(HIDDEN, dtype)
+    weights["lm_head.weight"] = rng.standard_normal((VOCAB, HIDDEN)).astype(dtype)
+    return weights
+
+
+def randomise(model, rng):
+    for _, array in model.named_parameters():
+        array[...] = rng.standard_normal(array.shape) * 0.1
+
+
+def test_target_matching_follows_peft(rng):
+    weights = toy_weights(rng)
+    model = LoraModel(weights, LoraConfig(target_modules=["q_proj", "v_proj"]))
+    assert sorted(model.targets) == sorted(f"model.layers.{i}.self_attn.{m}" for i in range(3)
+                                           for m in ("q_proj", "v_proj"))
+    regex = LoraModel(weights, LoraConfig(target_modules=r".*\.mlp\.(up|down)_proj"))
+    assert len(regex.targets) == 6
+    layered = LoraModel(weights, LoraConfig(target_modules=["q_proj"], layers_to_transform=[0, 2]))
+    assert layered.targets == ["model.layers.0.self_attn.q_proj", "model.layers.2.self_attn.q_proj"]
+    excluded = LoraModel(weights, LoraConfig(target_modules=["q_proj"],
+                                             exclude_modules=["model.layers.1.self_attn.q_proj"]))
+    assert "model.layers.1.self_attn.q_proj" not in excluded.targets and len(excluded.targets) == 2
+    everything = LoraModel(weights, LoraConfig(target_modules="all-linear"))
+    assert "lm_head" not in everything.targets and "model.embed_tokens" not in everything.targets
+    assert len(everything.targets) == 12  # 1-D layernorm weights are not modules
+    with pytest.raises(ValueError, match="matched none"):
+        LoraModel(weights, LoraConfig(target_modules=["nope"]))
+    with pytest.warns(nplora.LoraWarning, match="'nope' matched no module"):
+        LoraModel(weights, LoraConfig(target_modules=["q_proj", "nope"]))
+
+
+def test_rank_and_alpha_patterns(rng):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        rank_pattern={"layers.0.self_attn.q_proj": 2, "v_proj": 6},
+                        alpha_pattern={"q_proj": 3})
+    model = LoraModel(toy_weights(rng), config)
+    assert model["model.layers.0.self_attn.q_proj"].r == 2
+    assert model["model.layers.1.self_attn.q_proj"].r == 4
+    assert model["model.layers.1.self_attn.v_proj"].r == 6
+    assert model["model.layers.1.self_attn.q_proj"].scaling == 3 / 4
+    assert model["model.layers.1.self_attn.v_proj"].scaling == 8 / 6
+    with pytest.warns(nplora.LoraWarning, match="'k_proj' matched no targeted module"):
+        LoraModel(toy_weights(rng), LoraConfig(target_modules=["q_proj"], rank_pattern={"k_proj": 2}))
+
+
+def test_layers_are_over_the_base_weights_and_embeddings_are_recognised(rng):
+    weights = toy_weights(rng)
+    model = LoraModel(weights, LoraConfig(target_modules=["q_proj", "embed_tokens"]), seed=0)
+    q = model["model.layers.0.self_attn.q_proj"]
+    assert isinstance(q, nplora.LoraLinear) and q.weight is weights["model.layers.0.self_attn.q_proj.weight"]
+    np.testing.assert_array_equal(q.bias, weights["model.layers.0.self_attn.q_proj.bias"])
+    emb = model["model.embed_tokens"]
+    assert isinstance(emb, nplora.LoraEmbedding)
+    custom = LoraModel(weights, LoraConfig(target_modules=["lm_head"]), embedding_modules=["lm_head"])
+    assert isinstance(custom["lm_head"], nplora.LoraEmbedding)
+    with pytest.raises(KeyError, match="has no adapter"):
+        model["model.layers.0.mlp.up_proj"]
+
+
+def test_trainable_parameters(rng, capsys):
+    weights = toy_weights(rng)
+    model = LoraModel(weights, LoraConfig(r=2, target_modules=["q_proj"]))
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == 3 * 2 * (HIDDEN + HIDDEN)
+    assert total == sum(w.size for w in weights.values()) + trainable
+    model.print_trainable_parameters()
+    assert f"trainable params: {trainable:,d} || all params: {total:,d}" in capsys.readouterr().out
+
+
+def test_save_and_load_round_trip(rng, tmp_path):
+    weights = toy_weights(rng)
+    config = LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj", "embed_tokens"], use_rslora=True,
+                        rank_pattern={"layers.2.self_attn.q_proj": 5})
+    model = LoraModel(weights, config, seed=1)
+    randomise(model, rng)
+    model.save_adapter(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["r"] == 3 and saved["use_rslora"] is True and saved["peft_type"] == "LORA"
+    from safetensors.numpy import load_file
+
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert tensors["base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight"].shape == (5, HIDDEN)
+    assert tensors["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (3, VOCAB)
+
+    loaded = nplora.load_adapter(tmp_path, weights)
+    x = rng.standard_normal((4, HIDDEN)).astype(np.float32)
+    ids = np.array([[1, 5], [19, 0]])
+    for path in model.targets:
+        inputs = ids if "embed" in path else x
+        np.testing.assert_allclose(loaded.forward(path, inputs), model.forward(path, inputs), rtol=1e-6)
+
+
+def test_several_adapters(rng, tmp_path):
+    weights = toy_weights(rng)
+    model = LoraModel(weights, LoraConfig(r=2, target_modules=["q_proj"]), seed=0)
+    model.add_adapter("other", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=1)
+    randomise(model, rng)
+    model.set_adapter("other")
+    randomise(model, rng)
+    assert model.adapter_names == ["default", "other"]
+    path = "model.layers.1.self_attn.q_proj"
+    x = rng.standard_normal((5, HIDDEN)).astype(np.float32)
+    w, b = weights[path + ".weight"], weights[path + ".bias"]
+    base = x @ w.T + b
+    other = model[path]
+    assert other.r == 4
+    np.testing.assert_allclose(model.forward(path, x),
+                               base + other.scaling * x @ other.lora_A.T @ other.lora_B.T, rtol=1e-5)
+    with model.disable_adapter():
+        np.testing.assert_allclose(model.forward(path, x), base, rtol=1e-5)
+    assert model[path].adapter_enabled
+
+    model.save_adapter(tmp_path)
+    assert (tmp_path / "other" / "adapter_model.safetensors").is_file()
+    fresh = nplora.load_adapter(tmp_path, weights)
+    fresh.load_adapter(tmp_path, "other")
+    fresh.set_adapter("other")
+    np.testing.assert_allclose(fresh.forward(path, x), model.forward(path, x), rtol=1e-6)
+
+    model.delete_adapter("other")
+    assert model.adapter_names == ["default"] and model.active_adapter == "default"
+    with pytest.raises(KeyError, match="no adapter 'other'"):
+        model.set_adapter("other")
+
+
+def test_mixed_batch_matches_per_row_reference(rng):
+    weights = toy_weights(rng)
+    model = LoraModel(weights, LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]), seed=0)
+    for name, seed in (("b", 1), ("c", 2)):
+        model.add_adapter(name, LoraConfig(r=3, target_modules=["q_proj", "embed_tokens"]), seed=seed)
+    for name in model.adapter_names:
+        model.set_adapter(name)
+        randomise(model, rng)
+    path = "model.layers.0.self_attn.q_proj"
+    x = rng.standard_normal((7, HIDDEN)).astype(np.float32)
+    ids = ["b", None, "default", "c", "c", "__base__", "b"]
+    y = model.forward(path, x, adapter_ids=ids)
+    for row, name in enumerate(ids):
+        if name in (None, "__base__"):
+            with model.disable_adapter():
+                expected = model.forward(path, x[row])
+        else:
+            model.set_adapter(name)
+            expected = model.forward(path, x[row])
+        np.testing.assert_allclose(y[row], expected, rtol=1e-5, atol=1e-6)
+    as_ints = model.forward(path, x, adapter_ids=[1, -1, 0, 2, 2, -1, 1])
+    np.testing.assert_allclose(as_ints, y)
+    tokens = np.array([3, 3, 7])
+    emb = model.forward("model.embed_tokens", tokens, adapter_ids=["c", -1, "default"])
+    model.set_adapter("c")
+    np.testing.assert_allclose(emb[0], model.forward("model.embed_tokens", tokens)[0], rtol=1e-6)
+    np.testing.assert_allclose(emb[1], weights["model.embed_tokens.weight"][3])
+    with pytest.raises(ValueError, match=r"adapter_ids must have shape \(7,\)"):
+        model.forward(path, x, adapter_ids=[0, 1])
+    with pytest.raises(KeyError, match="no adapter 'zzz'"):
+        model.forward(path, x, adapter_ids=["zzz"] * 7)
+    with pytest.raises(IndexError, match="out of range"):
+        model.forward(path, x, adapter_ids=[5] * 7)
+
+
+def test_merge_and_unload_and_in_place_merge(rng):
+    weights = toy_weights(rng)
+    originals = {k: v.copy() for k, v in weights.items()}
+    model = LoraModel(weights, LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]), seed=0)
+    randomise(model, rng)
+    merged = model.merge_and_unload()
+    assert set(merged) == set(weights)
+    path = "model.layers.0.self_attn.q_proj"
+    layer = model[path]
+    np.testing.assert_allclose(merged[path + ".weight"],
+                               originals[path + ".weight"] + layer.scaling * layer.lora_B @ layer.lora_A,
+                               rtol=1e-5, atol=1e-6)
+    emb = model["model.embed_tokens"]
+    np.testing.assert_allclose(
+        merged["model.embed_tokens.weight"],
+        originals["model.embed_tokens.weight"]
+        + emb.scaling * (emb.lora_embedding_B @ emb.lora_embedding_A).T, rtol=1e-5, atol=1e-6)
+    assert merged["lm_head.weight"] is weights["lm_head.weight"]
+    for key in weights:  # the model's own weights are untouched
+        np.testing.assert_array_equal(weights[key], originals[key])
+    model.merge_adapter()
+    np.testing.assert_allclose(weights[path + ".weight"], merged[path + ".weight"], rtol=1e-6)
+    model.unmerge_adapter()
+    np.testing.assert_allclose(weights[path + ".weight"], originals[path + ".weight"], atol=1e-5)
+
+
+def test_half_precision_bases_are_widened(rng):
+    weights = toy_weights(rng, np.float16)
+    model = LoraModel(weights, LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    assert model["model.layers.0.self_attn.q_proj"].dtype == np.float32
+    merged = model.merge_and_unload()
+    assert merged["model.layers.0.self_attn.q_proj.weight"].dtype == np.float16
+
+
+def test_loading_checks_every_tensor(rng, tmp_path):
+    weights = toy_weights(rng)
+    model = LoraModel(weights, LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_adapter(tmp_path)
+    smaller = dict(weights)
+    smaller["model.layers.1.self_attn.q_proj.weight"] = np.zeros((HIDDEN, 6), np.float32)
+    with pytest.raises(nplora.AdapterMismatchError,
+                       match=r"model.layers.1.self_attn.q_proj.weight has shape \(8, 6\).*need \(8, 8\)"):
+        nplora.load_adapter(tmp_path, smaller)
+    missing = {k: v for k, v in weights.items() if not k.startswith("model.layers.2.self_attn.q_proj")}
+    with pytest.raises(nplora.AdapterMismatchError, match="base weights have no"):
+        nplora.load_adapter(tmp_path, missing)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["r"] = 4
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(nplora.AdapterMismatchError, match="config gives r=4"):
+        nplora.load_adapter(tmp_path, weights)
+    config["r"] = 2
+    config["target_modules"] = ["q_proj", "v_proj"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(nplora.AdapterMismatchError, match="has no tensors for"):
+        nplora.load_adapter(tmp_path, weights)
+    os.replace(tmp_path / "adapter_model.safetensors", tmp_path / "adapter_model.bin")
+    with pytest.raises(nplora.AdapterFormatError, match="pickled PyTorch"):
+        nplora.load_adapter(tmp_path, weights)
+    with pytest.raises(nplora.AdapterNotFoundError):
+        nplora.load_adapter(tmp_path / "nowhere", weights)
+    with pytest.raises(nplora.AdapterError, match="not allowed"):
+        model.add_adapter("../evil", LoraConfig(target_modules=["q_proj"]))
