@@ -246,3 +246,24 @@ def test_loading_checks_every_tensor(rng, tmp_path):
         nplora.load_adapter(tmp_path / "nowhere", weights)
     with pytest.raises(nplora.AdapterError, match="not allowed"):
         model.add_adapter("../evil", LoraConfig(target_modules=["q_proj"]))
+
+
+def test_set_adapter_on_a_merged_model_swaps_in_place(rng):
+    weights = toy_weights(rng)
+    originals = {k: v.copy() for k, v in weights.items()}
+    model = LoraModel(weights, LoraConfig(r=2, target_modules=["q_proj"]), seed=0)
+    model.add_adapter("other", LoraConfig(r=3, target_modules=["q_proj", "v_proj"]), seed=1)
+    for name in model.adapter_names:
+        model.set_adapter(name)
+        randomise(model, rng)
+    model.set_adapter("default")
+    model.merge_adapter()
+    model.set_adapter("other")
+    for path in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"):
+        layer = model[path]
+        assert layer.merged
+        np.testing.assert_allclose(weights[path + ".weight"],
+                                   originals[path + ".weight"] + layer.delta_weight(), atol=1e-5)
+    model.unmerge_adapter()
+    for key in weights:
+        np.testing.assert_allclose(weights[key], originals[key], atol=1e-5)

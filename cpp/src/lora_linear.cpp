@@ -1,6 +1,8 @@
 #include "nplora/lora_linear.hpp"
 
 #include "nplora/gemm.hpp"
+#include "nplora/kernels.hpp"
+#include "nplora/mixed_batch.hpp"
 #include "nplora/parallel.hpp"
 
 #include <stdexcept>
@@ -39,26 +41,14 @@ void LoraLinear<T>::forward(MatrixRef<const T> x, MatrixRef<T> y, bool training)
     check_shape("y", y.rows, y.cols, n, out_);
     const Index r = options_.r;
 
-    // Base product, straight into y.
-    gemm(Trans::No, fan_in_fan_out_ ? Trans::No : Trans::Yes, n, out_, in_, T(1), x.data,
-         x.row_stride, weight_.data, weight_.row_stride, T(0), y.data, y.row_stride);
-    if (bias_) {
-        const Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> bias(bias_, out_);
-        map(y).rowwise() += bias;
-    }
+    const bool use_adapter = !merged_ && adapter_enabled_;
+    const bool dropout = use_adapter && training && options_.lora_dropout > 0.0;
     if (!training) clear_cache();
-    if (merged_ || !adapter_enabled_) {
-        if (training) {
-            cache_valid_ = true;
-            cache_merged_ = true;
-        }
-        return;
-    }
 
-    const bool dropout = training && options_.lora_dropout > 0.0;
+    // What the LoRA branch reads: x itself, or in training a kept copy (with dropout applied).
     const T* lora_input = x.data;
     Index lora_input_stride = x.row_stride;
-    if (training) {
+    if (use_adapter && training) {
         cached_input_.resize(n, in_);
         if (dropout) {
             // Inverted dropout: kept inputs are scaled by 1 / (1 - p) so the expectation is x.
@@ -80,15 +70,27 @@ void LoraLinear<T>::forward(MatrixRef<const T> x, MatrixRef<T> y, bool training)
         lora_input_stride = in_;
     }
 
-    RowMatrix<T> projection(n, r);  // dropout(x) A^T: the rank-r bottleneck
-    gemm(Trans::No, Trans::Yes, n, r, in_, T(1), lora_input, lora_input_stride, a_.data(), in_, T(0),
-         projection.data(), r);
-    gemm(Trans::No, Trans::Yes, n, out_, r, scaling_, projection.data(), r, b_.data(), r, T(1),
-         y.data, y.row_stride);
+    // The rank-r bottleneck dropout(x) A^T (n x r), and s times it for the output.
+    RowMatrix<T> projection;
+    RowMatrix<T> scaled_projection;
+    if (use_adapter) {
+        projection.resize(n, r);
+        SmallBatchArgs<T> down{a_.data(), in_, lora_input, lora_input_stride, nullptr, nullptr, 0,
+                               nullptr, 0, 0, projection.data(), r, n, in_, r};
+        if (n > kSmallBatchMaxRows || !small_batch_linear(down))
+            gemm(Trans::No, Trans::Yes, n, r, in_, T(1), lora_input, lora_input_stride, a_.data(),
+                 in_, T(0), projection.data(), r);
+        scaled_projection = projection * scaling_;
+    }
+
+    // Small batches: one pass over W computes x W^T + bias + (s x A^T) B^T together.
+    linear_product<T>(as_const(weight_), fan_in_fan_out_, bias_, x,
+                      use_adapter ? scaled_projection.data() : nullptr, b_.data(), r, y);
+
     if (training) {
         cached_projection_ = std::move(projection);
         cache_valid_ = true;
-        cache_merged_ = false;
+        cache_merged_ = !use_adapter;
     }
 }
 

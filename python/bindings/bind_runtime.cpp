@@ -1,6 +1,7 @@
 #include "common.hpp"
 
 #include "nplora/gemm.hpp"
+#include "nplora/kernels.hpp"
 #include "nplora/parallel.hpp"
 
 #include <cstdint>
@@ -21,6 +22,7 @@ void bind_runtime(py::module_& m) {
         },
         py::arg("sgemm"), py::arg("dgemm"), py::arg("ilp64"),
         "Route large products to CBLAS sgemm/dgemm at these addresses (0 = Eigen).");
+    m.def("kernel_isa", &kernel_isa, "The SIMD kernels' instruction set: avx512, avx2 or none.");
     m.def("get_cblas_gemm", [] {
         const CblasGemm f = get_cblas_gemm();
         return py::make_tuple(reinterpret_cast<std::uintptr_t>(f.sgemm),

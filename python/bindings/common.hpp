@@ -91,5 +91,6 @@ void bind_linear(py::module_& m);
 void bind_embedding(py::module_& m);
 void bind_optim(py::module_& m);
 void bind_runtime(py::module_& m);
+void bind_mixed(py::module_& m);
 
 }  // namespace nplora::bindings

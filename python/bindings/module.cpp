@@ -12,4 +12,5 @@ PYBIND11_MODULE(_core, m) {
     nplora::bindings::bind_embedding(m);
     nplora::bindings::bind_optim(m);
     nplora::bindings::bind_runtime(m);
+    nplora::bindings::bind_mixed(m);
 }

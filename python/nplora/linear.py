@@ -164,3 +164,16 @@ class LoraLinear(LoraLayerBase):
         return (f"LoraLinear(in_features={self.in_features}, out_features={self.out_features}, "
                 f"r={self.r}, lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, "
                 f"dtype={self.dtype}, merged={self.merged}, training={self.training})")
+
+
+def swap_adapters(merged: LoraLinear, new: LoraLinear) -> None:
+    """Replace the merged adapter `merged` by `new` in one pass over their shared weight.
+
+    Both layers must wrap the same weight array; afterwards `merged` is unmerged and `new` merged:
+    ``W += s_new B_new A_new - s_old B_old A_old`` as a single rank-(r_old + r_new) update.
+    """
+    if not isinstance(merged, LoraLinear) or not isinstance(new, LoraLinear):
+        raise TypeError("swap_adapters takes two LoraLinear layers")
+    if merged.dtype != new.dtype:
+        raise TypeError(f"swap_adapters: dtypes differ ({merged.dtype} and {new.dtype})")
+    _core.swap_merged(merged._core, new._core)

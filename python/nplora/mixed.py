@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _core
 from ._arrays import as_input
 from .embedding import as_ids
 
@@ -57,19 +58,20 @@ def mixed_forward(module: Any, names: Sequence[str], x: Any, adapter_ids: Any) -
         return out.reshape(ids.shape + (table.shape[1],))
 
     weight = module.weight
-    fan_in_fan_out = next(iter(module.layers.values())).fan_in_fan_out
-    in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
+    first = next(iter(module.layers.values()))
+    in_features = first.in_features
     x = as_input(x, weight.dtype, in_features)
     batch_shape = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
-    y = x2 @ (weight if fan_in_fan_out else weight.T)
-    if module.bias is not None:
-        y += module.bias
     indices = adapter_indices(adapter_ids, names, batch_shape).reshape(-1)
-    for k, name in enumerate(names):
-        layer = module.layers.get(name)
-        selected = np.nonzero(indices == k)[0]
-        if layer is None or selected.size == 0:
-            continue  # rows of an adapter this module does not have run the base alone
-        y[selected] += layer.scaling * ((x2[selected] @ layer.lora_A.T) @ layer.lora_B.T)
-    return y.reshape(batch_shape + (y.shape[-1],))
+    # Adapters this module lacks run the base alone on their rows, as in PEFT.
+    present = [module.layers.get(name) for name in names]
+    remap = np.array([i if layer is not None else -1 for i, layer in enumerate(present)] + [-1])
+    indices = remap[indices]  # -1 maps through the last entry
+    layers = [layer if layer is not None else first for layer in present]
+    y = np.empty(batch_shape + (first.out_features,), dtype=weight.dtype)
+    _core.mixed_linear_forward(
+        weight, module.bias, first.fan_in_fan_out, x.reshape(-1, in_features),
+        y.reshape(-1, first.out_features), [layer.lora_A for layer in layers],
+        [layer.lora_B for layer in layers], [layer.scaling for layer in layers],
+        np.ascontiguousarray(indices, dtype=np.int64))
+    return y

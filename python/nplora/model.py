@@ -24,7 +24,7 @@ from .adapters import (
 )
 from .config import CONFIG_NAME, LoraConfig
 from .embedding import LoraEmbedding
-from .linear import LoraLinear
+from .linear import LoraLinear, swap_adapters
 
 Layer = Union[LoraLinear, LoraEmbedding]
 
@@ -243,13 +243,26 @@ class LoraModel:
             self.active_adapter = adapter_name
 
     def set_adapter(self, adapter_name: str) -> None:
-        """Make `adapter_name` the adapter that ``model[name]`` and training use."""
+        """Make `adapter_name` the adapter that ``model[name]`` and training use.
+
+        On a merged model the new adapter is merged in place of the old one (a single pass over
+        each weight for linear modules).
+        """
         if adapter_name not in self.peft_config:
             raise KeyError(f"no adapter {adapter_name!r}; adapters: {self.adapter_names}")
         if adapter_name != self.active_adapter and self._merged():
-            warnings.warn("Switching adapters on a merged model: unmerging first.", LoraWarning,
-                          stacklevel=2)
-            self.unmerge_adapter()
+            # Stay merged, with the new adapter: one pass over each weight (swap) where possible.
+            for module in self._modules.values():
+                old = module.layers.get(self.active_adapter) if self.active_adapter else None
+                new = module.layers.get(adapter_name)
+                if old is not None and old.merged and isinstance(old, LoraLinear) \
+                        and isinstance(new, LoraLinear):
+                    swap_adapters(old, new)
+                    continue
+                if old is not None and old.merged:
+                    old.unmerge()
+                if new is not None:
+                    new.merge()
         self.active_adapter = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:
