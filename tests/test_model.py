@@ -267,3 +267,22 @@ def test_set_adapter_on_a_merged_model_swaps_in_place(rng):
     model.unmerge_adapter()
     for key in weights:
         np.testing.assert_allclose(weights[key], originals[key], atol=1e-5)
+
+
+def test_model_over_memory_mapped_safetensors(rng, tmp_path):
+    weights = toy_weights(rng)
+    nplora.save_weights(tmp_path / "model.safetensors", weights)
+    lazy = nplora.open_weights(tmp_path / "model.safetensors")
+    model = LoraModel(lazy, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
+                      seed=0)
+    path = "model.layers.1.self_attn.q_proj"
+    assert not model[path].weight.flags.writeable  # used in place, from the file's pages
+    x = rng.standard_normal((3, HIDDEN)).astype(np.float32)
+    in_memory = LoraModel(weights, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
+                          seed=0)
+    np.testing.assert_allclose(model.forward(path, x), in_memory.forward(path, x), rtol=1e-6)
+    merged = model.merge_and_unload()
+    np.testing.assert_allclose(merged[path + ".weight"],
+                               in_memory.merge_and_unload()[path + ".weight"], rtol=1e-6)
+    with pytest.raises(ValueError, match="read-only"):
+        model.merge_adapter()

@@ -19,9 +19,10 @@ from .adapters import (
 )
 from .config import LoraConfig
 from .embedding import LoraEmbedding
-from .linear import LoraLinear
+from .linear import LoraLinear, swap_adapters
 from .model import LoraModel, load_adapter
 from .optim import SGD, AdamW, Optimizer
+from .safetensors_io import open_weights, save_weights
 from .runtime import blas_info, get_num_threads, set_num_threads, use_blas
 
 __all__ = [
@@ -41,7 +42,10 @@ __all__ = [
     "blas_info",
     "get_num_threads",
     "load_adapter",
+    "open_weights",
     "read_adapter",
+    "save_weights",
     "set_num_threads",
+    "swap_adapters",
     "use_blas",
 ]

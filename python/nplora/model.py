@@ -398,7 +398,15 @@ class LoraModel:
 
     # ----------------------------------------------------------------- merging
     def merge_adapter(self, safe_merge: bool = False) -> None:
-        """Merge the active adapter into the base weights, in place."""
+        """Merge the active adapter into the base weights, in place (all modules or none).
+
+        Read-only (memory-mapped) base weights raise ValueError before anything is changed; use
+        merge_and_unload() for those.
+        """
+        read_only = [p for p, layer in self.layers().items() if layer._core.weight_read_only]
+        if read_only:
+            raise ValueError(f"{len(read_only)} base weight(s) are read-only (memory-mapped?), e.g. "
+                             f"{read_only[0]}.weight: merge_and_unload() returns merged copies")
         for layer in self.layers().values():
             if not layer.merged:
                 layer.merge(safe_merge=safe_merge)
