@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 namespace nplora {
 namespace {
@@ -34,6 +35,13 @@ Isa isa() {
     return detected;
 }
 
+// Up to this many rows the dot-product kernel wins (the lanes of the outer-product one would
+// mostly hold padding). NPLORA_OUTER_MIN_ROWS overrides it for tuning.
+const Index kOuterProductMinRows = [] {
+    const char* env = std::getenv("NPLORA_OUTER_MIN_ROWS");
+    return env ? static_cast<Index>(std::atoi(env)) : Index(4);
+}();
+
 }  // namespace
 
 const char* kernel_isa() {
@@ -47,12 +55,33 @@ const char* kernel_isa() {
     }
 }
 
+// x (n x cols, row stride ld) transposed into packed[k * ldt + b], zero-padded to ldt columns.
 template <class T>
-bool small_batch_linear(const SmallBatchArgs<T>& args) {
+void pack_transposed(const T* x, Index ld, Index n, Index cols, Index ldt, std::vector<T>& packed) {
+    packed.assign(static_cast<std::size_t>(cols * ldt), T(0));
+    for (Index b = 0; b < n; ++b)
+        for (Index k = 0; k < cols; ++k) packed[static_cast<std::size_t>(k * ldt + b)] = x[b * ld + k];
+}
+
+template <class T>
+bool small_batch_linear(const SmallBatchArgs<T>& given) {
 #if defined(NPLORA_HAVE_X86_KERNELS)
     const Isa chosen = isa();
     if (chosen == Isa::None) return false;
-    if (args.n <= 0 || args.out <= 0) return true;
+    if (given.n <= 0 || given.out <= 0) return true;
+    // Batches past a few rows use the outer-product kernel (up to four vectors of rows).
+    SmallBatchArgs<T> args = given;
+    const Index lanes = chosen == Isa::Avx512 ? kernels::avx512::lanes(T()) : kernels::avx2::lanes(T());
+    std::vector<T> xt, xst;
+    if (args.n > kOuterProductMinRows && args.n <= 4 * lanes && !args.xt) {
+        args.ldt = (args.n + lanes - 1) / lanes * lanes;
+        pack_transposed(args.x, args.ldx, args.n, args.in, args.ldt, xt);
+        args.xt = xt.data();
+        if (args.xs) {
+            pack_transposed(args.xs, args.ldxs, args.n, args.r, args.ldt, xst);
+            args.xst = xst.data();
+        }
+    }
     // Whole blocks of 4 weight rows per thread, so each thread streams its own part of W.
     const Index blocks = (args.out + 3) / 4;
     parallel_for(blocks, 16, [&](Index begin, Index end) {

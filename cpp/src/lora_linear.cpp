@@ -76,7 +76,8 @@ void LoraLinear<T>::forward(MatrixRef<const T> x, MatrixRef<T> y, bool training)
     if (use_adapter) {
         projection.resize(n, r);
         SmallBatchArgs<T> down{a_.data(), in_, lora_input, lora_input_stride, nullptr, nullptr, 0,
-                               nullptr, 0, 0, projection.data(), r, n, in_, r};
+                               nullptr, 0, 0, projection.data(), r, n, in_, r,
+                               nullptr, nullptr, 0};
         if (n > kSmallBatchMaxRows || !small_batch_linear(down))
             gemm(Trans::No, Trans::Yes, n, r, in_, T(1), lora_input, lora_input_stride, a_.data(),
                  in_, T(0), projection.data(), r);

@@ -17,7 +17,8 @@ void linear_product(MatrixRef<const T> weight, bool fan_in_fan_out, const T* bia
     const Index out = y.cols;
     if (!fan_in_fan_out && n <= kSmallBatchMaxRows) {
         const SmallBatchArgs<T> args{weight.data, weight.row_stride, x.data, x.row_stride, bias, xs,
-                                     r, b, r, r, y.data, y.row_stride, n, in, out};
+                                     r, b, r, r, y.data, y.row_stride, n, in, out,
+                                     nullptr, nullptr, 0};
         if (small_batch_linear(args)) return;
     }
     gemm(Trans::No, fan_in_fan_out ? Trans::No : Trans::Yes, n, out, in, T(1), x.data, x.row_stride,

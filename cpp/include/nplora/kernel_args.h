@@ -25,16 +25,25 @@ struct SmallBatchArgs {
     std::ptrdiff_t n;
     std::ptrdiff_t in;
     std::ptrdiff_t out;
+    /* Optional packed forms for the outer-product kernel (null: the dot-product kernel):
+       xt[k * ldt + b] = x[b, k] and xst[j * ldt + b] = xs[b, j], zero-padded to ldt columns. */
+    const T* xt;
+    const T* xst;
+    std::ptrdiff_t ldt;
 };
 
 namespace kernels {
 namespace avx512 {
 void small_batch_rows(const SmallBatchArgs<float>& args, std::ptrdiff_t begin, std::ptrdiff_t end);
 void small_batch_rows(const SmallBatchArgs<double>& args, std::ptrdiff_t begin, std::ptrdiff_t end);
+int lanes(float);  /* vector width in elements */
+int lanes(double);
 }  // namespace avx512
 namespace avx2 {
 void small_batch_rows(const SmallBatchArgs<float>& args, std::ptrdiff_t begin, std::ptrdiff_t end);
 void small_batch_rows(const SmallBatchArgs<double>& args, std::ptrdiff_t begin, std::ptrdiff_t end);
+int lanes(float);  /* vector width in elements */
+int lanes(double);
 }  // namespace avx2
 }  // namespace kernels
 
