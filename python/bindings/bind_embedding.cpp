@@ -44,13 +44,8 @@ void bind_embedding_for(py::module_& m) {
     def_matrix_property<Layer>(cls, "lora_embedding_B_grad", &Layer::lora_embedding_B_grad);
     cls.def_property_readonly("num_embeddings", &Layer::num_embeddings)
         .def_property_readonly("embedding_dim", &Layer::embedding_dim)
-        .def_property_readonly("r", &Layer::rank)
-        .def_property_readonly("scaling", &Layer::scaling)
-        .def_property_readonly("merged", &Layer::merged)
-        .def_property_readonly("padding_idx", &Layer::padding_idx)
-        .def_property_readonly("weight_read_only", &Layer::weight_read_only)
-        .def_property("adapter_enabled", &Layer::adapter_enabled, &Layer::set_adapter_enabled)
-        .def_property_readonly("seed", [](const Layer& l) { return l.options().seed; });
+        .def_property_readonly("padding_idx", &Layer::padding_idx);
+    def_layer_common<Layer>(cls);
 
     cls.def(
         "forward",
@@ -79,33 +74,6 @@ void bind_embedding_for(py::module_& m) {
             layer.backward(g);
         },
         py::arg("grad_out").noconvert());
-    cls.def("merge", &Layer::merge, py::call_guard<py::gil_scoped_release>());
-    cls.def("unmerge", &Layer::unmerge, py::call_guard<py::gil_scoped_release>());
-    cls.def(
-        "delta_weight",
-        [](const Layer& layer, Array<T>& out) {
-            const MatrixRef<T> view = mutable_matrix_view(out, "out");
-            py::gil_scoped_release release;
-            layer.delta_weight(view);
-        },
-        py::arg("out").noconvert());
-    cls.def(
-        "add_delta_to",
-        [](const Layer& layer, Array<T>& target, T sign) {
-            const MatrixRef<T> view = mutable_matrix_view(target, "target");
-            py::gil_scoped_release release;
-            layer.add_delta_to(view, sign);
-        },
-        py::arg("target").noconvert(), py::arg("sign"),
-        "target += sign * scaling * delta in place (target shaped like the weight).");
-    cls.def("zero_grad", &Layer::zero_grad, py::call_guard<py::gil_scoped_release>());
-    cls.def(
-        "reset_lora_parameters",
-        [](Layer& layer, int init, std::uint64_t seed) {
-            layer.reset_lora_parameters(static_cast<InitMode>(init), seed);
-        },
-        py::arg("init"), py::arg("seed"));
-    cls.def("clear_cache", &Layer::clear_cache);
 }
 
 }  // namespace

@@ -53,13 +53,8 @@ void bind_linear_for(py::module_& m) {
     def_matrix_property<Layer>(cls, "lora_B_grad", &Layer::lora_B_grad);
     cls.def_property_readonly("in_features", &Layer::in_features)
         .def_property_readonly("out_features", &Layer::out_features)
-        .def_property_readonly("r", &Layer::rank)
-        .def_property_readonly("scaling", &Layer::scaling)
-        .def_property_readonly("merged", &Layer::merged)
-        .def_property_readonly("fan_in_fan_out", &Layer::fan_in_fan_out)
-        .def_property_readonly("weight_read_only", &Layer::weight_read_only)
-        .def_property("adapter_enabled", &Layer::adapter_enabled, &Layer::set_adapter_enabled)
-        .def_property_readonly("seed", [](const Layer& l) { return l.options().seed; });
+        .def_property_readonly("fan_in_fan_out", &Layer::fan_in_fan_out);
+    def_layer_common<Layer>(cls);
 
     cls.def(
         "forward",
@@ -80,45 +75,6 @@ void bind_linear_for(py::module_& m) {
             layer.backward(gy, gx);
         },
         py::arg("grad_y").noconvert(), py::arg("grad_x").noconvert().none(true));
-    cls.def(
-        "merge",
-        [](Layer& layer) {
-            py::gil_scoped_release release;
-            return layer.merge();
-        },
-        "W += scaling * B @ A in place; False if already merged.");
-    cls.def(
-        "unmerge",
-        [](Layer& layer) {
-            py::gil_scoped_release release;
-            return layer.unmerge();
-        },
-        "W -= scaling * B @ A in place; False if not merged.");
-    cls.def(
-        "delta_weight",
-        [](const Layer& layer, Array<T>& out) {
-            const MatrixRef<T> view = mutable_matrix_view(out, "out");
-            py::gil_scoped_release release;
-            layer.delta_weight(view);
-        },
-        py::arg("out").noconvert());
-    cls.def(
-        "add_delta_to",
-        [](const Layer& layer, Array<T>& target, T sign) {
-            const MatrixRef<T> view = mutable_matrix_view(target, "target");
-            py::gil_scoped_release release;
-            layer.add_delta_to(view, sign);
-        },
-        py::arg("target").noconvert(), py::arg("sign"),
-        "target += sign * scaling * delta in place (target shaped like the weight).");
-    cls.def("zero_grad", &Layer::zero_grad, py::call_guard<py::gil_scoped_release>());
-    cls.def(
-        "reset_lora_parameters",
-        [](Layer& layer, int init, std::uint64_t seed) {
-            layer.reset_lora_parameters(static_cast<InitMode>(init), seed);
-        },
-        py::arg("init"), py::arg("seed"));
-    cls.def("clear_cache", &Layer::clear_cache);
 }
 
 }  // namespace

@@ -2,11 +2,13 @@
 // matrices out as arrays that share the layer's memory.
 #pragma once
 
+#include "nplora/lora_options.hpp"
 #include "nplora/types.hpp"
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
 #include <string>
 
 namespace nplora::bindings {
@@ -85,6 +87,46 @@ void def_matrix_property(Class& cls, const char* name, RowMatrix<T>& (Layer::*ge
         [getter, name](Layer& layer, const py::array_t<T, py::array::forcecast>& value) {
             assign_matrix<T>((layer.*getter)(), value, name);
         });
+}
+
+// The methods LoraLinear and LoraEmbedding share: merging, the delta, gradients, init, cache.
+template <class Layer, class Class, class T = typename Layer::value_type>
+void def_layer_common(Class& cls) {
+    cls.def_property_readonly("merged", &Layer::merged)
+        .def_property_readonly("weight_read_only", &Layer::weight_read_only)
+        .def_property("adapter_enabled", &Layer::adapter_enabled, &Layer::set_adapter_enabled)
+        .def_property_readonly("r", &Layer::rank)
+        .def_property_readonly("scaling", &Layer::scaling)
+        .def_property_readonly("seed", [](const Layer& l) { return l.options().seed; });
+    cls.def("merge", &Layer::merge, py::call_guard<py::gil_scoped_release>(),
+            "Add scaling * delta into the weight in place; False if already merged.");
+    cls.def("unmerge", &Layer::unmerge, py::call_guard<py::gil_scoped_release>(),
+            "Subtract scaling * delta from the weight in place; False if not merged.");
+    cls.def(
+        "delta_weight",
+        [](const Layer& layer, Array<T>& out) {
+            const MatrixRef<T> view = mutable_matrix_view(out, "out");
+            py::gil_scoped_release release;
+            layer.delta_weight(view);
+        },
+        py::arg("out").noconvert());
+    cls.def(
+        "add_delta_to",
+        [](const Layer& layer, Array<T>& target, T sign) {
+            const MatrixRef<T> view = mutable_matrix_view(target, "target");
+            py::gil_scoped_release release;
+            layer.add_delta_to(view, sign);
+        },
+        py::arg("target").noconvert(), py::arg("sign"),
+        "target += sign * scaling * delta in place (target shaped like the weight).");
+    cls.def("zero_grad", &Layer::zero_grad, py::call_guard<py::gil_scoped_release>());
+    cls.def(
+        "reset_lora_parameters",
+        [](Layer& layer, int init, std::uint64_t seed) {
+            layer.reset_lora_parameters(static_cast<InitMode>(init), seed);
+        },
+        py::arg("init"), py::arg("seed"));
+    cls.def("clear_cache", &Layer::clear_cache);
 }
 
 void bind_linear(py::module_& m);
