@@ -2,6 +2,7 @@
 
 #include "nplora/parallel.hpp"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -84,7 +85,10 @@ bool small_batch_linear(const SmallBatchArgs<T>& given) {
     }
     // Whole blocks of 4 weight rows per thread, so each thread streams its own part of W.
     const Index blocks = (args.out + 3) / 4;
-    parallel_for(blocks, 16, [&](Index begin, Index end) {
+    // Each thread gets at least ~1 MB of W: below that, waking a thread costs more than it saves.
+    const Index block_bytes = 4 * args.in * static_cast<Index>(sizeof(T));
+    const Index grain = block_bytes > 0 ? std::max<Index>(16, (Index(1) << 20) / block_bytes) : 16;
+    parallel_for(blocks, grain, [&](Index begin, Index end) {
         const Index first = begin * 4;
         const Index last = end * 4 < args.out ? end * 4 : args.out;
         if (chosen == Isa::Avx512)
