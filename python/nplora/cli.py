@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_arguments(commands.add_parser(
         "merge", help="fold a LoRA adapter into a safetensors model (streaming, memory-mapped)"))
     add_inspect_arguments(commands.add_parser("inspect", help="summarise an adapter: config and modules"))
+    from .bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(commands.add_parser(
+        "bench", help="time every kernel against the NumPy code it replaces (and PyTorch+PEFT)"))
     return parser
 
 

@@ -1,0 +1,100 @@
+"""`nplora bench` runs every row and checks each against NumPy; no timing is asserted here."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+
+import nplora
+from nplora import bench
+from nplora.cli import main
+
+ROWS = {
+    "forward_f32_b1", "forward_f32_b2", "forward_f32_b8", "forward_f32_b32", "forward_f32_b512",
+    "forward_f64_b8", "forward_f64_b512", "backward_f32_b512", "merge", "unmerge", "swap",
+    "mixed_64", "embedding", "limit_gemm", "limit_gemv",
+}
+
+
+@pytest.fixture(scope="module")
+def quick_json() -> dict:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = main(["bench", "--quick", "--json", "--repeats", "2", "--no-torch"])
+    assert status == 0
+    return json.loads(out.getvalue())
+
+
+def test_json_has_every_row_checked_and_timed(quick_json: dict) -> None:
+    rows = {row["id"]: row for row in quick_json["rows"]}
+    assert set(rows) == ROWS
+    assert quick_json["failed"] == []
+    for row in rows.values():
+        assert row["numpy_ms"] > 0
+        assert row["others_cpu_share"] is None or 0 <= row["others_cpu_share"] <= 1
+        if row["id"].startswith("limit_"):
+            assert row["nplora_ms"] is None and row["check"] == "n/a"
+            assert row["numpy_rate"] > 0
+        else:
+            assert row["check"] == "ok", row
+            assert row["max_rel_error"] <= 1e-4
+            assert row["nplora_ms"] > 0 and row["ratio"] > 0 and row["nplora_rate"] > 0
+            assert row["target"] is not None and isinstance(row["target_met"], bool)
+            assert row["torch_ms"] is None
+
+
+def test_json_describes_the_machine_and_settings(quick_json: dict) -> None:
+    machine, settings = quick_json["machine"], quick_json["settings"]
+    for key in ("date", "cpu", "os_cpu_count", "numpy", "numpy_blas", "nplora", "nplora_threads",
+                "nplora_blas"):
+        assert key in machine
+    assert settings["size"] == bench.QUICK_SIZE and settings["repeats"] == 2
+    assert settings["torch"] is False
+    assert quick_json["targets_total"] == 13
+    assert 0 <= quick_json["targets_met"] <= quick_json["targets_total"]
+
+
+def test_limit_shares_are_set_for_float32_forward_rows(quick_json: dict) -> None:
+    for row in quick_json["rows"]:
+        if row["id"].startswith("forward_f32"):
+            assert row["limit"] in ("gemm", "gemv") and row["limit_share"] > 0
+        else:
+            assert row["limit_share"] is None
+
+
+def test_table_prints_header_and_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    threads = nplora.get_num_threads()
+    status = main(["bench", "--quick", "--size", "128", "--repeats", "1", "--threads", "1",
+                   "--no-torch"])
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert nplora.get_num_threads() == threads  # --threads lasts for the run only
+    assert "machine:" in printed and "NumPy" in printed and "BLAS" in printed
+    assert "threads on every side: 1" in printed
+    assert "targets met: " in printed and " / 13" in printed
+    assert "FAILED" not in printed
+
+
+def test_a_wrong_result_fails_the_row_and_the_command(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    def broken_cases(size: int, r: int, vocab: int, torch_mod: object) -> object:
+        x = np.ones((4, size), np.float32)
+        yield bench.Case(id="broken", kernel="broken", shape="-", dtype=np.dtype(np.float32),
+                         numpy=bench.Side(lambda: x * 2), nplora=bench.Side(lambda: x * 2.001),
+                         flops=1.0, target=1.0)
+
+    monkeypatch.setattr(bench, "all_cases", broken_cases)
+    status = main(["bench", "--quick", "--size", "8", "--repeats", "1", "--no-torch"])
+    printed = capsys.readouterr().out
+    assert status == 1
+    assert "FAILED correctness checks: broken" in printed
+
+
+@pytest.mark.parametrize("option", ["--size", "--rank", "--repeats", "--threads"])
+def test_non_positive_options_are_errors(option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--quick", "--no-torch", option, "0"]) == 1
+    assert "must be >= 1" in capsys.readouterr().err
