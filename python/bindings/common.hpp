@@ -35,6 +35,9 @@ MatrixRef<const T> matrix_view(const Array<T>& a, const char* name) {
         throw std::invalid_argument(std::string(name) + " must be 2-D, got shape " + shape_of(a));
     const Index rows = a.shape(0), cols = a.shape(1);
     const auto item = static_cast<py::ssize_t>(sizeof(T));
+    // Reading a T through a misaligned pointer is undefined behaviour (and may fault when vectorised).
+    if (a.size() > 0 && reinterpret_cast<std::uintptr_t>(a.data()) % alignof(T) != 0)
+        throw std::invalid_argument(std::string(name) + " is not aligned to its dtype (copy it first)");
     const bool unit_columns = cols <= 1 || a.strides(1) == item;
     const bool rows_ok = rows <= 1 || (a.strides(0) >= cols * item && a.strides(0) % item == 0);
     if (!unit_columns || !rows_ok)

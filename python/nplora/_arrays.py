@@ -10,6 +10,12 @@ import numpy as np
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def aligned(array: np.ndarray) -> np.ndarray:
+    """`array`, or a copy if its data is not aligned to its dtype (a view into a byte buffer at an
+    odd offset): C++ reading a float through a misaligned pointer is undefined behaviour."""
+    return array if array.flags.aligned else array.copy()
+
+
 def as_weight(weight: Any, name: str = "weight") -> np.ndarray:
     """Return `weight` as a 2-D float32/float64 array with contiguous rows, copying only if needed.
 
@@ -17,6 +23,8 @@ def as_weight(weight: Any, name: str = "weight") -> np.ndarray:
     writes into) the caller's memory. Any other layout is copied.
     """
     array = np.asarray(weight)
+    if array.dtype.kind == "f" and array.dtype.newbyteorder("=") in FLOAT_DTYPES:
+        array = array.astype(array.dtype.newbyteorder("="), copy=False)  # big-endian: a native copy
     if array.dtype not in FLOAT_DTYPES:
         if array.dtype.kind in "iub" and not isinstance(weight, np.ndarray):
             array = array.astype(np.float64)  # a nested list of numbers
@@ -31,7 +39,7 @@ def as_weight(weight: Any, name: str = "weight") -> np.ndarray:
         raise ValueError(f"{name} must not be empty, got shape {array.shape}")
     if not array.flags.c_contiguous:
         array = np.ascontiguousarray(array)
-    return array
+    return aligned(array)
 
 
 def as_vector(values: Any, dtype: np.dtype, length: int, name: str) -> np.ndarray:
@@ -41,7 +49,7 @@ def as_vector(values: Any, dtype: np.dtype, length: int, name: str) -> np.ndarra
         raise TypeError(f"{name} must be real numbers, got dtype {array.dtype}")
     if array.shape != (length,):
         raise ValueError(f"{name} must have shape ({length},), got {array.shape}")
-    return np.ascontiguousarray(array, dtype=dtype)
+    return aligned(np.ascontiguousarray(array, dtype=dtype))
 
 
 def as_input(x: Any, dtype: np.dtype, width: int, name: str = "x") -> np.ndarray:
@@ -57,7 +65,7 @@ def as_input(x: Any, dtype: np.dtype, width: int, name: str = "x") -> np.ndarray
         array = array.astype(dtype)
     if array.ndim == 0 or array.shape[-1] != width:
         raise ValueError(f"{name} must have shape (..., {width}), got {array.shape}")
-    return np.ascontiguousarray(array)
+    return aligned(np.ascontiguousarray(array))
 
 
 def output_array(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype,
@@ -71,8 +79,8 @@ def output_array(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype
         raise TypeError(f"out must have dtype {dtype}, got {out.dtype}")
     if out.shape != shape:
         raise ValueError(f"out must have shape {shape}, got {out.shape}")
-    if not out.flags.c_contiguous or not out.flags.writeable:
-        raise ValueError("out must be C-contiguous and writable")
+    if not out.flags.c_contiguous or not out.flags.writeable or not out.flags.aligned:
+        raise ValueError("out must be C-contiguous, aligned and writable")
     for array in inputs:
         if np.may_share_memory(out, array):
             raise ValueError("out must not overlap the input")

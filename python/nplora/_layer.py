@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+
+from ._guard import LayerGuard
+
+
+_Layer = TypeVar("_Layer", bound="LoraLayerBase")  # train()/eval() return the subclass itself
 
 
 class LoraWarning(UserWarning):
@@ -18,15 +24,24 @@ class LoraLayerBase:
     """Base of the LoRA layers: a frozen weight, a low-rank pair (A, B) and their gradients.
 
     Subclasses set ``_core`` (the C++ layer), ``_param_names`` (names of A and B) and
-    ``_weight``/``_bias``.
+    ``_weight``/``_bias``, then call ``_init_guard()``.
+
+    Threads: eval-mode forward may run on a layer from many threads at once; calls that change
+    it (merge, unmerge, backward, zero_grad, train/eval, training-mode forward, optimizer steps)
+    raise RuntimeError when another thread is using it, instead of racing (see ``_guard``).
+
+    Pickling (and ``copy.copy``/``deepcopy``, ``multiprocessing``) carries the weight, so a
+    restored layer owns its copy of the weight; A, B, their gradients and the merged, training
+    and adapter_enabled flags come back too. What a training-mode forward kept for backward does
+    not (run a forward again), and the dropout stream restarts at the layer's seed.
     """
 
     _param_names: tuple[str, str]
     _core: Any
     _weight: np.ndarray
     _bias: np.ndarray | None
+    _guard: LayerGuard
 
-    training: bool
     lora_alpha: float
     use_rslora: bool
 
@@ -56,15 +71,46 @@ class LoraLayerBase:
         """Whether scaling * B @ A is currently added into the weight."""
         return bool(self._core.merged)
 
-    def train(self, mode: bool = True) -> LoraLayerBase:
-        """Set training mode (dropout on, activations kept for backward); returns self."""
-        self.training = bool(mode)
-        if not self.training:
-            self._core.clear_cache()
+    def _init_guard(self) -> None:
+        self._guard = LayerGuard(self._weight, f"{type(self).__name__} over a weight of shape "
+                                               f"{self._weight.shape}")
+
+    @property
+    def training(self) -> bool:
+        """Training mode; assigning it is ``train(mode)`` (leaving it frees what backward kept)."""
+        return self._training
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self.train(mode)
+
+    def train(self: _Layer, mode: bool = True) -> _Layer:
+        """Set training mode (dropout on, activations kept for backward).
+
+        Parameters
+        ----------
+        mode : bool
+            True for training, False for evaluation (what ``eval()`` does).
+
+        Returns
+        -------
+        LoraLinear or LoraEmbedding
+            The layer itself, so that ``layer = LoraLinear(...).eval()`` works.
+        """
+        with self._guard.writing_layer("change training mode"):
+            self._training = bool(mode)
+            if not self._training:
+                self._core.clear_cache()
         return self
 
-    def eval(self) -> LoraLayerBase:
-        """Set evaluation mode (no dropout, nothing kept); returns self."""
+    def eval(self: _Layer) -> _Layer:
+        """Set evaluation mode (no dropout, nothing kept for backward).
+
+        Returns
+        -------
+        LoraLinear or LoraEmbedding
+            The layer itself.
+        """
         return self.train(False)
 
     @property
@@ -74,10 +120,14 @@ class LoraLayerBase:
 
     @adapter_enabled.setter
     def adapter_enabled(self, enabled: bool) -> None:
-        if not enabled and self.merged:
-            warnings.warn("Disabling a merged adapter: unmerging it first.", LoraWarning, stacklevel=2)
-            self.unmerge()
-        self._core.adapter_enabled = bool(enabled)
+        unmerge = not enabled and self.merged
+        with (self._guard.writing_weight if unmerge else self._guard.writing_layer)(
+                "change adapter_enabled"):
+            if unmerge:
+                warnings.warn("Disabling a merged adapter: unmerging it first.", LoraWarning,
+                              stacklevel=2)
+                self._core.unmerge()
+            self._core.adapter_enabled = bool(enabled)
 
     def merge(self, safe_merge: bool = False) -> None:
         """Add scaling * B @ A into the weight in place (one pass, no weight-sized temporary).
@@ -91,18 +141,31 @@ class LoraLayerBase:
         A second merge warns (LoraWarning) and changes nothing. A read-only weight (memory-mapped)
         raises ValueError.
         """
-        if self.merged:
-            warnings.warn("Already merged. Nothing to do.", LoraWarning, stacklevel=2)
-            return
-        if safe_merge:
-            candidate = self.merged_weight()
-            if not np.isfinite(candidate).all():
-                raise ValueError("NaNs or infinities detected in the merged weights: the adapter "
-                                 "seems to be broken; the weight was left unchanged")
-        self._core.merge()
+        with self._guard.writing_weight("merge"):
+            if self.merged:
+                warnings.warn("Already merged. Nothing to do.", LoraWarning, stacklevel=2)
+                return
+            if safe_merge:
+                candidate = self._merged_copy()
+                if not np.isfinite(candidate).all():
+                    raise ValueError("NaNs or infinities detected in the merged weights: the "
+                                     "adapter seems to be broken; the weight was left unchanged")
+            self._core.merge()
 
     def merged_weight(self) -> np.ndarray:
-        """weight + scaling * B @ A as a new array (the weight itself is not touched)."""
+        """``weight + scaling * B @ A`` as a new array (the weight itself is not touched).
+
+        Works on read-only (memory-mapped) weights, where ``merge()`` cannot.
+
+        Returns
+        -------
+        ndarray, shape of ``weight``
+            In the layer's dtype; transposed like the weight when ``fan_in_fan_out``.
+        """
+        with self._guard:
+            return self._merged_copy()
+
+    def _merged_copy(self) -> np.ndarray:
         if self.merged:
             return self._weight.copy()
         target = np.array(self._weight, dtype=self.dtype, order="C", copy=True)
@@ -111,31 +174,63 @@ class LoraLayerBase:
 
     def unmerge(self) -> None:
         """Subtract scaling * B @ A from the weight again; warns if nothing is merged."""
-        if not self._core.unmerge():
+        with self._guard.writing_weight("unmerge"):
+            unmerged = self._core.unmerge()
+        if not unmerged:
             warnings.warn("Already unmerged. Nothing to do.", LoraWarning, stacklevel=2)
 
     def delta_weight(self) -> np.ndarray:
-        """scaling * B @ A as a new array of the weight's shape and layout."""
+        """The update ``scaling * B @ A`` as a new array.
+
+        Returns
+        -------
+        ndarray, shape of ``weight``
+            (out_features, in_features), or (in_features, out_features) when ``fan_in_fan_out``;
+            (num_embeddings, embedding_dim) for an embedding.
+        """
         out = np.empty(self._weight.shape, dtype=self.dtype)
-        self._core.delta_weight(out)
+        with self._guard:
+            self._core.delta_weight(out)
         return out
 
     def zero_grad(self) -> None:
         """Set the gradients of A and B to zero."""
-        self._core.zero_grad()
+        with self._guard.writing_layer("zero_grad"):
+            self._core.zero_grad()
 
     def named_parameters(self) -> Iterator[tuple[str, np.ndarray]]:
-        """The trainable arrays, ``(name, array)``; the arrays share the layer's memory."""
+        """The trainable arrays, which share the layer's memory (write into them to change A, B).
+
+        Yields
+        ------
+        (str, ndarray)
+            ``("lora_A", A)`` then ``("lora_B", B)``, shapes (r, in_features) and
+            (out_features, r); for an embedding ``lora_embedding_A`` (r, num_embeddings) and
+            ``lora_embedding_B`` (embedding_dim, r).
+        """
         for name in self._param_names:
             yield name, getattr(self._core, name)
 
     def named_grads(self) -> Iterator[tuple[str, np.ndarray]]:
-        """The gradient of each trainable array, in the order of named_parameters()."""
+        """The gradient of each trainable array, in the order of ``named_parameters()``.
+
+        Yields
+        ------
+        (str, ndarray)
+            ``("lora_A", grad)``, ...: same names and shapes as ``named_parameters()``.
+        """
         for name in self._param_names:
             yield name, getattr(self._core, name + "_grad")
 
     def stats(self) -> dict[str, int]:
-        """Parameter counts: ``trainable_params`` (A, B), ``frozen_params`` (weight, bias), total."""
+        """Parameter counts of the layer.
+
+        Returns
+        -------
+        dict
+            ``{"trainable_params": A.size + B.size, "frozen_params": weight.size + bias.size,
+            "total_params": their sum}``.
+        """
         trainable = sum(p.size for _, p in self.named_parameters())
         frozen = self._weight.size + (0 if self._bias is None else self._bias.size)
         return {
@@ -146,3 +241,44 @@ class LoraLayerBase:
 
     def __call__(self, *args: Any, **kwargs: Any) -> np.ndarray:
         return self.forward(*args, **kwargs)  # type: ignore[attr-defined]
+
+    # ----------------------------------------------------------------- pickle, copy.deepcopy
+    def _init_args(self) -> dict[str, Any]:
+        """The constructor's arguments that rebuild this layer (weight included)."""
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict[str, Any]:
+        with self._guard:
+            state = {k: v for k, v in self.__dict__.items() if k not in ("_core", "_guard")}
+            state["_init_args"] = self._init_args()
+            state["_arrays"] = {attr: np.array(getattr(self._core, attr))
+                                for name in self._param_names for attr in (name, name + "_grad")}
+            state["_merged"], state["_adapter_enabled"] = self.merged, self.adapter_enabled
+        return state
+
+    def __copy__(self) -> LoraLayerBase:
+        # A shallow copy would share the weight while each copy tracks its own merged flag.
+        return copy.deepcopy(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        arrays, merged = state.pop("_arrays"), state.pop("_merged")
+        enabled = state.pop("_adapter_enabled")
+        type(self).__init__(self, **state.pop("_init_args"))  # owns the unpickled weight
+        training = state.pop("_training", True)
+        # What __init__ set is rebuilt from the same arguments; anything else is restored.
+        self.__dict__.update({k: v for k, v in state.items() if k not in self.__dict__})
+        core = self._core
+        if merged:  # the weight holds the merged values already: set the flag, adding zeros
+            for name in self._param_names:
+                getattr(core, name).fill(0)
+            core.merge()
+        for name, array in arrays.items():
+            setattr(core, name, array)
+        core.adapter_enabled = enabled
+        self.train(training)
+
+    def _repr_html_(self) -> str:
+        from .display import layer_html
+
+        return layer_html(self)

@@ -35,7 +35,8 @@ _UNSUPPORTED_SUFFIXES = {
     ".lora_magnitude_vector": "DoRA (use_dora=True)",
     ".lora_B.bias": "a LoRA bias (lora_bias=True)",
 }
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")  # a file name: <= 255 bytes
+MAX_CONFIG_BYTES = 16 << 20  # PEFT's configs are a few KB; a stranger's may be anything
 
 
 class AdapterError(ValueError):
@@ -164,12 +165,17 @@ def read_adapter(directory: str | os.PathLike[str], adapter_name: str | None = N
                 "not load (unpickling can run arbitrary code). Re-save it with PEFT's "
                 "save_pretrained(..., safe_serialization=True) to get adapter_model.safetensors")
         raise AdapterNotFoundError(f"no {WEIGHTS_NAME} in {folder}")
+    if config_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterFormatError(f"{config_path} is {config_path.stat().st_size} bytes, more than "
+                                 f"the {MAX_CONFIG_BYTES} an adapter config may have")
     try:
         config = LoraConfig.from_json(config_path)
     except NotImplementedError:
         raise
     except (ValueError, TypeError, KeyError) as error:
         raise AdapterFormatError(f"{config_path}: {error}") from error
+    if config.target_modules is None:
+        raise AdapterFormatError(f"{config_path}: target_modules is not set (PEFT always saves it)")
 
     tensors = _load_tensors(weights_path)
     found: dict[str, dict[str, tuple[str, str]]] = {}
@@ -229,6 +235,7 @@ def write_adapter(directory: str | os.PathLike[str], config: LoraConfig,
     """
     from safetensors.numpy import save_file
 
+    config.to_dict()  # validates: a bad config must fail before new weights replace the old ones
     folder = adapter_directory(directory, adapter_name)
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}

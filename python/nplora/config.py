@@ -18,7 +18,7 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -85,6 +85,25 @@ def _names(name: str, value: Any, *, allow_str: bool) -> list[str] | str | None:
         if not isinstance(item, str):
             raise _fail(f"{name} entries", "str", item, TypeError)
     return items
+
+
+def _check_regexes(name: str, patterns: Iterable[str], template: str = "{}") -> None:
+    # A regex PEFT would match module names with must compile here, not fail later in re.match.
+    for pattern in patterns:
+        try:
+            re.compile(template.format(pattern))
+        except re.error as exc:
+            raise ValueError(f"{name} {pattern!r} is not a valid regex: {exc}") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.load keeps the last of duplicate keys; a config saying r twice is refused instead.
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
 
 
 def _pattern_key(patterns: Iterable[str], module_name: str) -> str:
@@ -203,9 +222,14 @@ class LoraConfig:
         self._validate_init()
         self.target_modules = _names("target_modules", self.target_modules, allow_str=True)
         self.exclude_modules = _names("exclude_modules", self.exclude_modules, allow_str=True)
-        self.modules_to_save = _names("modules_to_save", self.modules_to_save, allow_str=False)
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, name), str):
+                _check_regexes(name, [getattr(self, name)])
+        self.modules_to_save = cast("list[str] | None",
+                                    _names("modules_to_save", self.modules_to_save, allow_str=False))
         self._validate_layers()
-        self.rank_pattern = self._validate_pattern("rank_pattern", self.rank_pattern, rank=True)
+        self.rank_pattern = cast("dict[str, int]",
+                                 self._validate_pattern("rank_pattern", self.rank_pattern, rank=True))
         self.alpha_pattern = self._validate_pattern("alpha_pattern", self.alpha_pattern, rank=False)
         self._validate_extra()
         self._check_supported()
@@ -226,7 +250,7 @@ class LoraConfig:
         raise _fail("init_lora_weights", "True, False or 'gaussian'", init)
 
     def _validate_layers(self) -> None:
-        layers = self.layers_to_transform
+        layers: Any = self.layers_to_transform  # checked here, whatever the annotation says
         if layers is not None:
             items = [layers] if _is_int(layers) else layers
             if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
@@ -239,6 +263,8 @@ class LoraConfig:
                     raise _fail("layers_to_transform entries", "ints >= 0", index)
             self.layers_to_transform = int(layers) if _is_int(layers) else [int(i) for i in items]
         self.layers_pattern = _names("layers_pattern", self.layers_pattern, allow_str=True)
+        _check_regexes("layers_pattern", [self.layers_pattern] if isinstance(self.layers_pattern, str)
+                       else self.layers_pattern or [], r"(?:^|.*?\.){}\.(?P<idx>\d+)\.")
         # The three rules of peft.LoraConfig.__post_init__, same order and same truthiness tests.
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("layers_to_transform cannot be used when target_modules is a str (regex)")
@@ -445,7 +471,10 @@ class LoraConfig:
         LoraConfig
         """
         with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+            try:
+                data = json.load(fh, object_pairs_hook=_unique_keys)
+            except RecursionError:
+                raise ValueError(f"{os.fspath(path)}: JSON nested too deeply") from None
         if not isinstance(data, dict):
             raise ValueError(f"{os.fspath(path)} must hold a JSON object, got {type(data).__name__}")
         return cls.from_dict(data)
@@ -478,6 +507,11 @@ class LoraConfig:
         """
         path = os.path.join(directory, subfolder) if subfolder else os.fspath(directory)
         return cls.from_json(os.path.join(path, CONFIG_NAME))
+
+    def _repr_html_(self) -> str:
+        from .display import config_html
+
+        return config_html(self)
 
     def __repr__(self) -> str:
         default = type(self)()

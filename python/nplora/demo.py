@@ -12,7 +12,7 @@ import argparse
 import math
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import numpy as np
 
@@ -287,7 +287,7 @@ def run_demo(seed: int = 0, epochs: int = DEFAULT_EPOCHS, rank: int = DEFAULT_RA
     acc_a_merged = accuracy(lora_logits(layers, x_a_test), y_test)
     for layer in layers:
         layer.unmerge()
-    restored = [(layer.weight, layer.bias) for layer in layers]
+    restored = cast(Params, [(layer.weight, layer.bias) for layer in layers])  # all have a bias
     unmerge_diff = max(float(np.abs(weight - original).max())
                        for (weight, _), (original, _) in zip(restored, pretrained))
     acc_a_unmerged = accuracy(mlp_logits(restored, x_a_test), y_test)

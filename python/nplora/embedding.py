@@ -7,7 +7,16 @@ from typing import Any, Literal
 import numpy as np
 
 from . import _core
-from ._arrays import as_input, as_weight, check_int, check_real, init_mode, output_array, resolve_seed
+from ._arrays import (
+    aligned,
+    as_input,
+    as_weight,
+    check_int,
+    check_real,
+    init_mode,
+    output_array,
+    resolve_seed,
+)
 from ._layer import LoraLayerBase
 
 _CORE_EMBEDDING = {np.dtype(np.float32): _core.LoraEmbedding_float32,
@@ -19,7 +28,7 @@ def as_ids(ids: Any) -> np.ndarray:
     array = np.asarray(ids)
     if array.dtype.kind not in "iu":
         raise TypeError(f"ids must be integers, got dtype {array.dtype}")
-    return np.asarray(array, dtype=np.int64, order="C")  # (ascontiguousarray would make 0-D 1-D)
+    return aligned(np.asarray(array, dtype=np.int64, order="C"))  # (ascontiguousarray: 0-D -> 1-D)
 
 
 class LoraEmbedding(LoraLayerBase):
@@ -74,6 +83,7 @@ class LoraEmbedding(LoraLayerBase):
         self._core = _CORE_EMBEDDING[weight.dtype](
             weight, -1 if padding_idx is None else padding_idx, check_int("r", r, 1),
             self.lora_alpha, self.use_rslora, init_mode(init_lora_weights), resolve_seed(seed))
+        self._init_guard()
         self.training = True
         self._ids_shape: tuple[int, ...] | None = None
 
@@ -117,23 +127,48 @@ class LoraEmbedding(LoraLayerBase):
         """
         ids = as_ids(ids)
         result = output_array(out, ids.shape + (self.embedding_dim,), self.dtype, (ids,))
-        self._core.forward(ids.reshape(-1), result.reshape(-1, self.embedding_dim), self.training)
-        self._ids_shape = ids.shape if self.training else None
+        flat_ids, flat_out = ids.reshape(-1), result.reshape(-1, self.embedding_dim)
+        if self._training:  # keeps the ids for backward: the layer's own state
+            with self._guard.writing_layer("run a training-mode forward"):
+                self._core.forward(flat_ids, flat_out, True)
+                self._ids_shape = ids.shape
+        else:
+            with self._guard:
+                self._core.forward(flat_ids, flat_out, False)
+            self._ids_shape = None
         return result
 
     def backward(self, grad_out: Any) -> None:
-        """Add to both gradients from grad_out, shape ids.shape + (embedding_dim,), of the last
-        training-mode forward. Ids have no gradient, so nothing is returned."""
-        if self._ids_shape is None:
-            raise RuntimeError("backward() needs a forward() in training mode first")
-        grad_out = as_input(grad_out, self.dtype, self.embedding_dim, "grad_out")
-        expected = self._ids_shape + (self.embedding_dim,)
-        if grad_out.shape != expected:
-            raise ValueError(f"grad_out must have shape {expected}, got {grad_out.shape}")
-        self._core.backward(grad_out.reshape(-1, self.embedding_dim))
+        """Back-propagate through the last training-mode forward into both gradients.
+
+        Adds to ``lora_embedding_A_grad`` and ``lora_embedding_B_grad`` (call ``zero_grad()``
+        between steps). Ids have no gradient, so nothing is returned.
+
+        Parameters
+        ----------
+        grad_out : array_like, shape ids.shape + (embedding_dim,)
+            Gradient of the loss with respect to the last output.
+        """
+        with self._guard.writing_layer("run backward"):
+            if self._ids_shape is None:
+                raise RuntimeError("backward() needs a forward() in training mode first")
+            grad_out = as_input(grad_out, self.dtype, self.embedding_dim, "grad_out")
+            expected = self._ids_shape + (self.embedding_dim,)
+            if grad_out.shape != expected:
+                raise ValueError(f"grad_out must have shape {expected}, got {grad_out.shape}")
+            self._core.backward(grad_out.reshape(-1, self.embedding_dim))
+
+    def _init_args(self) -> dict[str, Any]:
+        return dict(weight=self._weight, r=self.r, lora_alpha=self.lora_alpha,
+                    padding_idx=self.padding_idx, use_rslora=self.use_rslora,
+                    init_lora_weights=self.init_lora_weights, seed=int(self._core.seed))
 
     def __repr__(self) -> str:
+        stats = self.stats()
+        extra = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        extra += "" if self.adapter_enabled else ", adapter_enabled=False"
         return (f"LoraEmbedding(num_embeddings={self.num_embeddings}, "
                 f"embedding_dim={self.embedding_dim}, r={self.r}, lora_alpha={self.lora_alpha:g}, "
-                f"scaling={self.scaling:g}, dtype={self.dtype}, merged={self.merged}, "
-                f"training={self.training})")
+                f"scaling={self.scaling:g}{extra}, dtype={self.dtype}, merged={self.merged}, "
+                f"training={self.training}, trainable={stats['trainable_params']}, "
+                f"frozen={stats['frozen_params']})")

@@ -18,6 +18,7 @@ from ._arrays import (
     output_array,
     resolve_seed,
 )
+from ._guard import writing_all
 from ._layer import LoraLayerBase
 
 _CORE_LINEAR = {np.dtype(np.float32): _core.LoraLinear_float32, np.dtype(np.float64): _core.LoraLinear_float64}
@@ -81,6 +82,7 @@ class LoraLinear(LoraLayerBase):
         self._core = _CORE_LINEAR[weight.dtype](
             weight, bias, self.fan_in_fan_out, check_int("r", r, 1), self.lora_alpha,
             self.lora_dropout, self.use_rslora, init_mode(init_lora_weights), resolve_seed(seed))
+        self._init_guard()
         self.training = True
         self._batch_shape: tuple[int, ...] | None = None
 
@@ -129,9 +131,15 @@ class LoraLinear(LoraLayerBase):
         x = as_input(x, self.dtype, self.in_features)
         batch_shape = x.shape[:-1]
         y = output_array(out, batch_shape + (self.out_features,), self.dtype, (x,))
-        self._core.forward(x.reshape(-1, self.in_features), y.reshape(-1, self.out_features),
-                           self.training)
-        self._batch_shape = batch_shape if self.training else None
+        x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
+        if self._training:  # keeps activations and draws dropout: the layer's own state
+            with self._guard.writing_layer("run a training-mode forward"):
+                self._core.forward(x2, y2, True)
+                self._batch_shape = batch_shape
+        else:
+            with self._guard:
+                self._core.forward(x2, y2, False)
+            self._batch_shape = None
         return y
 
     def backward(self, grad_y: Any) -> np.ndarray:
@@ -149,21 +157,33 @@ class LoraLinear(LoraLayerBase):
         ndarray, shape (..., in_features)
             Gradient of the loss with respect to the last input.
         """
-        if self._batch_shape is None:
-            raise RuntimeError("backward() needs a forward() in training mode first")
-        grad_y = as_input(grad_y, self.dtype, self.out_features, "grad_y")
-        expected = self._batch_shape + (self.out_features,)
-        if grad_y.shape != expected:
-            raise ValueError(f"grad_y must have shape {expected}, got {grad_y.shape}")
-        grad_x = np.empty(self._batch_shape + (self.in_features,), dtype=self.dtype)
-        self._core.backward(grad_y.reshape(-1, self.out_features),
-                            grad_x.reshape(-1, self.in_features))
+        with self._guard.writing_layer("run backward"):
+            if self._batch_shape is None:
+                raise RuntimeError("backward() needs a forward() in training mode first")
+            grad_y = as_input(grad_y, self.dtype, self.out_features, "grad_y")
+            expected = self._batch_shape + (self.out_features,)
+            if grad_y.shape != expected:
+                raise ValueError(f"grad_y must have shape {expected}, got {grad_y.shape}")
+            grad_x = np.empty(self._batch_shape + (self.in_features,), dtype=self.dtype)
+            self._core.backward(grad_y.reshape(-1, self.out_features),
+                                grad_x.reshape(-1, self.in_features))
         return grad_x
 
+    def _init_args(self) -> dict[str, Any]:
+        return dict(weight=self._weight, bias=self._bias, r=self.r, lora_alpha=self.lora_alpha,
+                    lora_dropout=self.lora_dropout, use_rslora=self.use_rslora,
+                    init_lora_weights=self.init_lora_weights, fan_in_fan_out=self.fan_in_fan_out,
+                    seed=int(self._core.seed))
+
     def __repr__(self) -> str:
+        stats = self.stats()
+        extra = f", lora_dropout={self.lora_dropout:g}" if self.lora_dropout else ""
+        extra += ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
+        extra += "" if self.adapter_enabled else ", adapter_enabled=False"
         return (f"LoraLinear(in_features={self.in_features}, out_features={self.out_features}, "
-                f"r={self.r}, lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, "
-                f"dtype={self.dtype}, merged={self.merged}, training={self.training})")
+                f"r={self.r}, lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}{extra}, "
+                f"dtype={self.dtype}, merged={self.merged}, training={self.training}, "
+                f"trainable={stats['trainable_params']}, frozen={stats['frozen_params']})")
 
 
 def swap_adapters(merged: LoraLinear, new: LoraLinear) -> None:
@@ -171,9 +191,17 @@ def swap_adapters(merged: LoraLinear, new: LoraLinear) -> None:
 
     Both layers must wrap the same weight array; afterwards `merged` is unmerged and `new` merged:
     ``W += s_new B_new A_new - s_old B_old A_old`` as a single rank-(r_old + r_new) update.
+
+    Parameters
+    ----------
+    merged : LoraLinear
+        A merged layer over the weight W, shape (out_features, in_features).
+    new : LoraLinear
+        An unmerged layer over the same W and of the same dtype (its rank may differ).
     """
     if not isinstance(merged, LoraLinear) or not isinstance(new, LoraLinear):
         raise TypeError("swap_adapters takes two LoraLinear layers")
     if merged.dtype != new.dtype:
         raise TypeError(f"swap_adapters: dtypes differ ({merged.dtype} and {new.dtype})")
-    _core.swap_merged(merged._core, new._core)
+    with writing_all([merged._guard, new._guard], "swap adapters", weight=True):
+        _core.swap_merged(merged._core, new._core)

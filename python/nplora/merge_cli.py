@@ -18,10 +18,17 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from .adapters import AdapterMismatchError, AdapterModule, adapter_directory, read_adapter
+from .adapters import (
+    AdapterFormatError,
+    AdapterMismatchError,
+    AdapterModule,
+    adapter_directory,
+    read_adapter,
+)
 from .config import LoraConfig
 from .safetensors_io import INDEX_NAME, SINGLE_NAME, LazyWeights, SafetensorsWriter, open_weights
 
@@ -139,7 +146,9 @@ def _merge_block(block: np.ndarray, module: AdapterModule, config: LoraConfig, r
 
     weight = np.array(block, dtype=compute, order="C")
     a, b = module.lora_A.astype(compute), module.lora_B.astype(compute)
-    common = {"r": module.r, "lora_alpha": module.lora_alpha, "use_rslora": config.use_rslora, "seed": 0}
+    common: dict[str, Any] = {"r": module.r, "lora_alpha": module.lora_alpha,
+                              "use_rslora": config.use_rslora, "seed": 0}
+    layer: LoraEmbedding | LoraLinear
     if module.kind == "embedding":  # rows are embedding ids: columns of A
         layer = LoraEmbedding(weight, **common)
         layer.lora_embedding_A, layer.lora_embedding_B = a[:, rows], b
@@ -153,7 +162,11 @@ def _merge_block(block: np.ndarray, module: AdapterModule, config: LoraConfig, r
         raise RuntimeError(f"{module.path}: layer scaling {layer.scaling} differs from the adapter's "
                            f"{module.scaling}")
     layer.merge()
-    return layer.weight
+    merged = layer.weight
+    if not np.isfinite(merged).all() and (~np.isfinite(merged) & np.isfinite(block.astype(compute))).any():
+        raise AdapterFormatError(f"{module.path}: merging gives NaN or infinite values (scaling * B @ A "
+                                 f"overflows {compute}): the adapter seems broken")
+    return merged
 
 
 def _write_file(weights: LazyWeights, shard: str, path: str, plan: dict[str, AdapterModule],

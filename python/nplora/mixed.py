@@ -22,7 +22,7 @@ def adapter_indices(adapter_ids: Any, names: Sequence[str], shape: tuple[int, ..
     if raw.dtype.kind in "iu":
         indices = raw.astype(np.int64)
     else:
-        lookup = {name: i for i, name in enumerate(names)}
+        lookup: dict[str | None, int] = {name: i for i, name in enumerate(names)}
         lookup.update({base: -1 for base in BASE_NAMES})
         flat = []
         for value in raw.reshape(-1):

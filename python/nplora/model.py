@@ -12,6 +12,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from ._guard import reading_all, writing_all
 from ._layer import LoraWarning
 from .adapters import (
     DEFAULT_ADAPTER,
@@ -83,6 +84,19 @@ def is_target(config: LoraConfig, name: str, is_embedding: bool = False) -> bool
     if index is None:
         return False
     return index == wanted if isinstance(wanted, int) else index in wanted
+
+
+def _all_or_nothing(cores: Sequence[Any], action: str, undo: str) -> None:
+    """Call ``core.<action>()`` on each core; if one raises, ``<undo>`` those done, then re-raise."""
+    done = []
+    try:
+        for core in cores:
+            getattr(core, action)()
+            done.append(core)
+    except BaseException:
+        for core in reversed(done):
+            getattr(core, undo)()
+        raise
 
 
 class _Module:
@@ -207,6 +221,18 @@ class LoraModel:
         """Add a new adapter (freshly initialised) on the modules `config` targets.
 
         The active adapter does not change (use ``set_adapter``).
+
+        Parameters
+        ----------
+        adapter_name : str
+            Its name (letters, digits, ``_``, ``-``, ``.``: it becomes a folder name on save).
+        config : LoraConfig
+            Which modules, and with which rank, alpha and initialisation.
+        seed : int, optional
+            Seeds every layer's initialisation; None draws fresh entropy.
+        kinds : Mapping[str, str], optional
+            ``{module path: "linear" or "embedding"}`` to adapt exactly these modules instead of
+            the ones `config` matches (used when loading a file).
         """
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
@@ -223,9 +249,10 @@ class LoraModel:
                     "embedding" if self._is_embedding(path) else "linear")
                 module = self._module(path, kind)
                 layer_seed = (int(base_seed) * 1_000_003 + zlib.crc32(path.encode())) % 2**63
-                common = dict(r=config.rank_for(path), lora_alpha=config.alpha_for(path),
-                              use_rslora=config.use_rslora,
-                              init_lora_weights=config.init_lora_weights, seed=layer_seed)
+                common: dict[str, Any] = dict(
+                    r=config.rank_for(path), lora_alpha=config.alpha_for(path),
+                    use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
+                    seed=layer_seed)
                 if kind == "embedding":
                     layer: Layer = LoraEmbedding(module.weight, **common)
                 else:
@@ -247,6 +274,11 @@ class LoraModel:
 
         On a merged model the new adapter is merged in place of the old one (a single pass over
         each weight for linear modules).
+
+        Parameters
+        ----------
+        adapter_name : str
+            One of ``adapter_names``; KeyError otherwise.
         """
         if adapter_name not in self.peft_config:
             raise KeyError(f"no adapter {adapter_name!r}; adapters: {self.adapter_names}")
@@ -266,7 +298,13 @@ class LoraModel:
         self.active_adapter = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter (unmerged first if it is merged)."""
+        """Remove an adapter (unmerged first if it is merged).
+
+        Parameters
+        ----------
+        adapter_name : str
+            One of ``adapter_names``; if it was active, the first remaining adapter becomes active.
+        """
         if adapter_name not in self.peft_config:
             raise KeyError(f"no adapter {adapter_name!r}; adapters: {self.adapter_names}")
         for module in self._modules.values():
@@ -280,7 +318,13 @@ class LoraModel:
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Context in which every module runs the base model alone (merged adapters are unmerged)."""
+        """Context in which every module runs the base model alone (merged adapters are unmerged).
+
+        Yields
+        ------
+        None
+            ``with model.disable_adapter(): ...``; the adapters are enabled again on leaving.
+        """
         previous = self._adapters_disabled
         self._set_enabled(False)
         try:
@@ -324,19 +368,47 @@ class LoraModel:
         return len(self.targets)
 
     def layers(self, adapter_name: str | None = None) -> dict[str, Layer]:
-        """``{module path: layer}`` of one adapter (the active one by default)."""
+        """The layers of one adapter.
+
+        Parameters
+        ----------
+        adapter_name : str, optional
+            The adapter; the active one by default.
+
+        Returns
+        -------
+        dict
+            ``{module path: LoraLinear or LoraEmbedding}``, in the order of the base weights.
+        """
         name = adapter_name or self.active_adapter
         return {p: m.layers[name] for p, m in self._modules.items() if name in m.layers}
 
     def train(self, mode: bool = True) -> LoraModel:
-        """Training mode for every layer; returns self."""
+        """Training mode (or, with ``mode=False``, evaluation mode) for every layer.
+
+        Parameters
+        ----------
+        mode : bool
+            True for training, False for evaluation.
+
+        Returns
+        -------
+        LoraModel
+            The model itself.
+        """
         for module in self._modules.values():
             for layer in module.layers.values():
                 layer.train(mode)
         return self
 
     def eval(self) -> LoraModel:
-        """Evaluation mode for every layer; returns self."""
+        """Evaluation mode for every layer (no dropout, nothing kept for backward).
+
+        Returns
+        -------
+        LoraModel
+            The model itself.
+        """
         return self.train(False)
 
     def zero_grad(self) -> None:
@@ -345,19 +417,39 @@ class LoraModel:
             layer.zero_grad()
 
     def named_parameters(self) -> Iterator[tuple[str, np.ndarray]]:
-        """The active adapter's trainable arrays as ``("<module>.lora_A", array)``, ..."""
+        """The active adapter's trainable arrays (they share the layers' memory).
+
+        Yields
+        ------
+        (str, ndarray)
+            ``("<module>.lora_A", A)`` of shape (r, in_features), ``("<module>.lora_B", B)`` of
+            shape (out_features, r), ... (``lora_embedding_A``/``_B`` for embeddings).
+        """
         for path, layer in self.layers().items():
             for name, array in layer.named_parameters():
                 yield f"{path}.{name}", array
 
     def named_grads(self) -> Iterator[tuple[str, np.ndarray]]:
-        """The gradients of named_parameters(), in the same order."""
+        """The gradients of ``named_parameters()``, in the same order.
+
+        Yields
+        ------
+        (str, ndarray)
+            Same names and shapes as ``named_parameters()``.
+        """
         for path, layer in self.layers().items():
             for name, array in layer.named_grads():
                 yield f"{path}.{name}", array
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable parameters of the active adapter, all parameters: base + trainable)."""
+        """Parameter counts, as PEFT's method of the same name.
+
+        Returns
+        -------
+        (int, int)
+            Trainable parameters of the active adapter, and all parameters (every base weight
+            plus those trainable ones).
+        """
         trainable = sum(a.size for _, a in self.named_parameters())
         frozen = sum(int(np.prod(self._shape(k))) for k in self.base_weights)
         return int(trainable), int(frozen + trainable)
@@ -394,29 +486,41 @@ class LoraModel:
             raise KeyError(f"{path!r} has no adapter")
         if module.merged_adapters():
             raise RuntimeError(f"{path!r} has merged adapters: unmerge before a mixed batch")
-        return mixed_forward(module, self.adapter_names, x, adapter_ids)
+        with reading_all(layer._guard for layer in module.layers.values()):
+            return mixed_forward(module, self.adapter_names, x, adapter_ids)
 
     # ----------------------------------------------------------------- merging
     def merge_adapter(self, safe_merge: bool = False) -> None:
         """Merge the active adapter into the base weights, in place (all modules or none).
 
         Read-only (memory-mapped) base weights raise ValueError before anything is changed; use
-        merge_and_unload() for those.
+        merge_and_unload() for those. With ``safe_merge`` every module is checked (NaN/Inf) before
+        any is merged. A failure part-way (even KeyboardInterrupt) unmerges what was merged.
+
+        Parameters
+        ----------
+        safe_merge : bool
+            Check every merged weight for NaN/Inf first (costs one weight-sized copy per module).
         """
         read_only = [p for p, layer in self.layers().items() if layer._core.weight_read_only]
         if read_only:
             raise ValueError(f"{len(read_only)} base weight(s) are read-only (memory-mapped?), e.g. "
                              f"{read_only[0]}.weight: merge_and_unload() returns merged copies")
-        for layer in self.layers().values():
-            if not layer.merged:
-                layer.merge(safe_merge=safe_merge)
+        todo = {path: layer for path, layer in self.layers().items() if not layer.merged}
+        with writing_all([layer._guard for layer in todo.values()], "merge", weight=True):
+            if safe_merge:
+                for path, layer in todo.items():
+                    if not np.isfinite(layer._merged_copy()).all():
+                        raise ValueError(f"NaNs or infinities in the merged {path}.weight: the "
+                                         "adapter seems to be broken; nothing was merged")
+            _all_or_nothing([layer._core for layer in todo.values()], "merge", "unmerge")
 
     def unmerge_adapter(self) -> None:
-        """Undo every in-place merge."""
-        for module in self._modules.values():
-            for layer in module.layers.values():
-                if layer.merged:
-                    layer.unmerge()
+        """Undo every in-place merge (all of them, or, on a failure part-way, none)."""
+        merged = [layer for module in self._modules.values() for layer in module.layers.values()
+                  if layer.merged]
+        with writing_all([layer._guard for layer in merged], "unmerge", weight=True):
+            _all_or_nothing([layer._core for layer in merged], "unmerge", "merge")
 
     def merge_and_unload(self, progress: bool = False, safe_merge: bool = False
                          ) -> dict[str, np.ndarray]:
@@ -424,7 +528,20 @@ class LoraModel:
 
         Adapted weights are new arrays in the base weight's dtype (float16/bfloat16 bases are merged
         in float32 and cast back); all others are the base arrays themselves. The model and its
-        base weights are left as they were.
+        base weights are left as they were, so this works on read-only, memory-mapped weights.
+
+        Parameters
+        ----------
+        progress : bool
+            Show a tqdm progress bar over the tensors.
+        safe_merge : bool
+            Raise ValueError if a merged weight holds NaN or infinite values.
+
+        Returns
+        -------
+        dict
+            ``{name: ndarray}`` with the keys and shapes of ``base_weights``:
+            ``"<module>.weight"`` (out_features, in_features) is ``W + scaling * B @ A``.
         """
         from tqdm.auto import tqdm
 
@@ -445,8 +562,22 @@ class LoraModel:
 
     # ----------------------------------------------------------------- files
     def adapter_modules(self, adapter_name: str | None = None) -> dict[str, AdapterModule]:
-        """The adapter's matrices as AdapterModule records (what save_adapter writes)."""
+        """The adapter's matrices as AdapterModule records (what save_adapter writes).
+
+        Parameters
+        ----------
+        adapter_name : str, optional
+            The adapter; the active one by default.
+
+        Returns
+        -------
+        dict
+            ``{module path: AdapterModule}``, each with ``lora_A`` (r, in_features) and ``lora_B``
+            (out_features, r), or the embedding shapes (r, num_embeddings), (embedding_dim, r).
+        """
         name = adapter_name or self.active_adapter
+        if name is None:
+            raise KeyError("the model has no adapter")
         config = self.peft_config[name]
         records = {}
         for path, layer in self.layers(name).items():
@@ -465,6 +596,13 @@ class LoraModel:
 
         Each file is written to a temporary file and renamed, so an interrupted save leaves the
         previous adapter readable.
+
+        Parameters
+        ----------
+        directory : str or PathLike
+            Created if needed; ``PeftModel.from_pretrained(torch_model, directory)`` reads it.
+        adapter_names : sequence of str, optional
+            Which adapters to save; all by default.
         """
         for name in adapter_names or self.adapter_names:
             if name not in self.peft_config:
@@ -480,6 +618,15 @@ class LoraModel:
         several adapters), else from `directory` itself. Every tensor is checked
         against the base weights (shapes) and the config (ranks); modules the config targets but
         the file lacks, or the file has but the config does not target, are errors.
+
+        Parameters
+        ----------
+        directory : str or PathLike
+            An adapter folder written by PEFT's ``save_pretrained`` or by ``save_adapter``.
+        adapter_name : str
+            The name to give it in this model (must be new).
+        subfolder : str, optional
+            Read from ``directory/subfolder``.
         """
         folder = os.fspath(directory)
         if subfolder is not None:
@@ -530,8 +677,16 @@ class LoraModel:
 
     def __repr__(self) -> str:
         trainable, total = self.get_nb_trainable_parameters()
+        state = ", merged=True" if self._merged() else ""
+        if self._adapters_disabled:
+            state += ", adapters_disabled=True"
         return (f"LoraModel(adapters={self.adapter_names}, active={self.active_adapter!r}, "
-                f"modules={len(self.targets)}, trainable={trainable:,d}, total={total:,d})")
+                f"modules={len(self.targets)}, trainable={trainable:,d}, total={total:,d}{state})")
+
+    def _repr_html_(self) -> str:
+        from .display import model_html
+
+        return model_html(self)
 
 
 def load_adapter(directory: str | os.PathLike[str], base_weights: Mapping[str, Any],
@@ -548,6 +703,11 @@ def load_adapter(directory: str | os.PathLike[str], base_weights: Mapping[str, A
         Name to give the adapter in the model.
     subfolder : str, optional
         Read from ``directory/subfolder`` (a non-default adapter saved beside others).
+
+    Returns
+    -------
+    LoraModel
+        The model, with this adapter active; ``model[path]`` are its layers.
     """
     folder = os.path.join(os.fspath(directory), subfolder) if subfolder else os.fspath(directory)
     config, modules = read_adapter(folder)

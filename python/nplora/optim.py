@@ -9,6 +9,7 @@ import numpy as np
 
 from . import _core
 from ._arrays import check_real
+from ._guard import guards_of, writing_all
 
 ParamGrad = tuple[np.ndarray, np.ndarray]
 
@@ -33,24 +34,56 @@ def collect_parameters(params: Any) -> list[ParamGrad]:
                              f"{param.shape} {param.dtype}")
         if param.dtype not in (np.float32, np.float64):
             raise TypeError(f"parameters must be float32 or float64, got {param.dtype}")
+        if not (param.flags.aligned and grad.flags.aligned):
+            raise ValueError("parameters and gradients must be aligned to their dtype")
     return found
 
 
 class Optimizer:
-    """Base class: holds (parameter, gradient) pairs; ``zero_grad()`` clears the gradients."""
+    """Base class: holds (parameter, gradient) pairs; ``zero_grad()`` clears the gradients.
+
+    Parameters
+    ----------
+    params : layer, model, or list of layers or (param, grad) pairs
+        What to update: every layer's ``named_parameters()`` with its ``named_grads()``. Each
+        pair is two C-contiguous float32/float64 arrays of one shape, updated in place.
+    """
+
+    step_count: int  # steps taken, set by each optimizer's __init__
 
     def __init__(self, params: Any) -> None:
         self.params = collect_parameters(params)
         if not self.params:
             raise ValueError("the optimizer got no parameters")
+        self._guards = guards_of(params)  # the layers' guards: no step while another thread uses them
 
     def zero_grad(self) -> None:
         """Set every gradient to zero."""
-        for _, grad in self.params:
-            grad.fill(0)
+        with writing_all(self._guards, "zero the gradients"):
+            for _, grad in self.params:
+                grad.fill(0)
+
+    def _all_or_nothing(self, arrays: list[np.ndarray], update: Any) -> None:
+        """Run ``update()``; if it raises part-way (even KeyboardInterrupt), put back `arrays`
+        (parameters and optimizer state) and the step count as they were."""
+        with writing_all(self._guards, "run an optimizer step"):
+            saved, count = [a.copy() for a in arrays], self.step_count
+            try:
+                update()
+            except BaseException:
+                for array, before in zip(arrays, saved):
+                    np.copyto(array, before)
+                self.step_count = count
+                raise
 
     def step(self) -> None:
+        """Update every parameter in place from its gradient (each optimizer defines how)."""
         raise NotImplementedError
+
+    def _repr_html_(self) -> str:
+        from .display import optimizer_html
+
+        return optimizer_html(self)
 
 
 class AdamW(Optimizer):
@@ -81,11 +114,15 @@ class AdamW(Optimizer):
         self.step_count = 0
 
     def step(self) -> None:
-        """Update every parameter in place from its gradient."""
-        self.step_count += 1
-        for (param, grad), (exp_avg, exp_avg_sq) in zip(self.params, self.state):
-            _core.adamw_step(param, grad, exp_avg, exp_avg_sq, self.lr, self.betas[0],
-                             self.betas[1], self.eps, self.weight_decay, self.step_count)
+        """Update every parameter in place from its gradient (all of them, or none on error)."""
+        def update() -> None:
+            self.step_count += 1
+            for (param, grad), (exp_avg, exp_avg_sq) in zip(self.params, self.state):
+                _core.adamw_step(param, grad, exp_avg, exp_avg_sq, self.lr, self.betas[0],
+                                 self.betas[1], self.eps, self.weight_decay, self.step_count)
+
+        self._all_or_nothing([a for (p, _), s in zip(self.params, self.state) for a in (p, *s)],
+                             update)
 
     def __repr__(self) -> str:
         return (f"AdamW(lr={self.lr:g}, betas={self.betas}, eps={self.eps:g}, "
@@ -125,12 +162,16 @@ class SGD(Optimizer):
         self.step_count = 0
 
     def step(self) -> None:
-        """Update every parameter in place from its gradient."""
-        first = self.step_count == 0
-        self.step_count += 1
-        for (param, grad), buf in zip(self.params, self.momentum_buffers):
-            _core.sgd_step(param, grad, buf, self.lr, self.momentum, self.dampening,
-                           self.weight_decay, self.nesterov, first)
+        """Update every parameter in place from its gradient (all of them, or none on error)."""
+        def update() -> None:
+            first = self.step_count == 0
+            self.step_count += 1
+            for (param, grad), buf in zip(self.params, self.momentum_buffers):
+                _core.sgd_step(param, grad, buf, self.lr, self.momentum, self.dampening,
+                               self.weight_decay, self.nesterov, first)
+
+        self._all_or_nothing([a for (p, _), b in zip(self.params, self.momentum_buffers)
+                              for a in (p, b)], update)
 
     def __repr__(self) -> str:
         return (f"SGD(lr={self.lr:g}, momentum={self.momentum:g}, dampening={self.dampening:g}, "

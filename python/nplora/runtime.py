@@ -67,7 +67,16 @@ def _find_numpy_cblas() -> tuple[int, int, bool, str, str] | None:
 def use_blas(backend: str = "numpy") -> str:
     """Choose what the core's large products run on: "numpy" (NumPy's own BLAS) or "eigen".
 
-    Returns the backend in use ("eigen" when NumPy's BLAS cannot be used).
+    Parameters
+    ----------
+    backend : {"numpy", "eigen"}
+        "numpy" shares NumPy's BLAS and its thread pool; "eigen" uses the built-in kernels on
+        nplora's own threads. The environment variable ``NPLORA_BLAS`` sets it at import.
+
+    Returns
+    -------
+    str
+        The backend in use ("eigen" when NumPy's BLAS cannot be used).
     """
     if backend not in ("numpy", "eigen"):
         raise ValueError(f"backend must be 'numpy' or 'eigen', got {backend!r}")
@@ -83,20 +92,38 @@ def use_blas(backend: str = "numpy") -> str:
 
 
 def blas_info() -> dict[str, Any]:
-    """Which product backend the core uses: ``{"backend", "filepath", "symbol"}``."""
+    """Which product backend the core uses.
+
+    Returns
+    -------
+    dict
+        ``{"backend": "numpy" or "eigen", "filepath": the BLAS library or None,
+        "symbol": the sgemm symbol used or None}``.
+    """
     return dict(_blas)
 
 
 def get_num_threads() -> int:
-    """Threads nplora's own kernels use (merge, embeddings, optimizers, the Eigen fallback)."""
+    """Threads nplora's own kernels use (merge, embeddings, optimizers, the Eigen fallback).
+
+    Returns
+    -------
+    int
+        At least 1.
+    """
     return int(_core.get_num_threads())
 
 
 def set_num_threads(n: int) -> None:
-    """Set the threads nplora's own kernels use (n >= 1).
+    """Set the threads nplora's own kernels use.
 
     Products that run on NumPy's BLAS follow that BLAS's thread setting (``threadpoolctl`` or
     ``OPENBLAS_NUM_THREADS``), shared with NumPy.
+
+    Parameters
+    ----------
+    n : int
+        Number of threads, >= 1.
     """
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"n must be an int, got {type(n).__name__}")

@@ -176,7 +176,7 @@ def _read_header(path: str) -> _Header:
         if not text.startswith("{"):
             raise ValueError("it does not start with '{'")
         parsed = json.loads(text, object_pairs_hook=_unique_keys)
-    except ValueError as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (ValueError, RecursionError) as error:  # also UnicodeDecodeError, JSONDecodeError
         raise SafetensorsError(f"{path}: the header is not a valid JSON object: {error}") from None
     metadata = parsed.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
@@ -217,7 +217,7 @@ def _read_index(folder: str) -> tuple[dict[str, str], dict[str, Any]]:
     try:
         with open(path, encoding="utf-8") as f:
             index = json.load(f, object_pairs_hook=_unique_keys)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise SafetensorsError(f"{path}: not a valid JSON index: {error}") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -358,6 +358,10 @@ class LazyWeights(Mapping):
 
     def __repr__(self) -> str:
         return f"LazyWeights({self.root!r}, {len(self)} tensors in {len(self._headers)} file(s))"
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        # Pickled as its path (reopened, and validated again, on load), never as its bytes.
+        return open_weights, (self.root,)
 
 
 def open_weights(path: PathLike) -> LazyWeights:

@@ -1,0 +1,188 @@
+"""Guards against concurrent mutation: a clear RuntimeError instead of a data race.
+
+Eval-mode forward only reads a layer (its weight, A and B), and the C++ core releases the GIL, so
+any number of threads may run it on shared layers at once. Everything else changes something that
+a concurrent call reads: merge/unmerge/swap write the weight, which all the adapters over that
+weight read; a training-mode forward, backward, zero_grad, train/eval and an optimizer step write
+a layer's own state (its cache, gradients, A and B). Those calls need what they write to
+themselves, and fail at once if another thread is using it: they never wait, so there is no
+deadlock and no silent queueing.
+
+Two levels, because adapters over one base weight share it (a LoraModel's modules, or layers built
+on the same array): one ``_WeightGuard`` per weight array, shared by every layer over it, and one
+``LayerGuard`` per layer. Readers take no lock: each registers in lists (``append``/``pop`` are
+atomic) and then checks the writer flags, while a writer sets its flag and then checks the lists
+(Dekker's handshake), so at least one of two racing calls sees the other. Two racing calls may
+both fail; neither ever proceeds unseen.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterable
+from contextlib import ExitStack
+from typing import Any
+
+import numpy as np
+
+_HINT = ("merge, unmerge, backward, zero_grad, train/eval, optimizer steps and training-mode "
+         "forward need a layer to themselves; only eval-mode forward may run concurrently")
+
+
+class _WeightGuard:
+    """Shared by every layer over one weight array: who writes it, how many calls read it."""
+
+    __slots__ = ("lock", "users", "writing", "__weakref__")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # held by the one weight writer
+        self.users: list[None] = []  # one entry per call reading the weight (any layer over it)
+        self.writing: str | None = None  # what the weight writer is doing
+
+
+_WEIGHT_GUARDS: weakref.WeakValueDictionary[tuple[int, int], _WeightGuard] = (
+    weakref.WeakValueDictionary())
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _weight_guard(weight: np.ndarray) -> _WeightGuard:
+    # Layers over the same array share one guard; the layers keep the array (so its address) alive.
+    key = (weight.__array_interface__["data"][0], weight.nbytes)
+    with _REGISTRY_LOCK:
+        guard = _WEIGHT_GUARDS.get(key)
+        if guard is None:
+            guard = _WEIGHT_GUARDS[key] = _WeightGuard()
+    return guard
+
+
+def _busy(what: str, action: str, other: str) -> RuntimeError:
+    return RuntimeError(f"{what} is being modified by another thread ({other}): cannot {action} "
+                        f"now. {_HINT}")
+
+
+def _in_use(what: str, action: str) -> RuntimeError:
+    return RuntimeError(f"{what} is in use by another thread: cannot {action} now. {_HINT}")
+
+
+class LayerGuard:
+    """The guard of one layer; ``what`` names the layer in error messages."""
+
+    __slots__ = ("weight", "lock", "readers", "writing", "what")
+
+    def __init__(self, weight: np.ndarray, what: str) -> None:
+        self.weight = _weight_guard(weight)
+        self.lock = threading.Lock()  # held by the one writer of this layer's own state
+        self.readers: list[None] = []
+        self.writing: str | None = None
+        self.what = what
+
+    # -------------------------------------------------------------- readers: no lock taken
+    def __enter__(self) -> None:
+        """``with guard:`` reads the layer (eval-mode forward); fails if a writer is active."""
+        shared = self.weight
+        shared.users.append(None)
+        self.readers.append(None)
+        writer = shared.writing or self.writing
+        if writer:
+            self.readers.pop()
+            shared.users.pop()
+            raise _busy(self.what, "read it", writer)
+
+    def __exit__(self, *exc: object) -> None:
+        self.readers.pop()
+        self.weight.users.pop()
+
+    # -------------------------------------------------------------- writers
+    def writing_layer(self, action: str) -> _Held:
+        """Context for a call that writes this layer's own state (and reads its weight)."""
+        return _Held(self, action, weight=False)
+
+    def writing_weight(self, action: str) -> _Held:
+        """Context for a call that writes the weight (and so touches every layer over it)."""
+        return _Held(self, action, weight=True)
+
+
+class _Held:
+    __slots__ = ("guard", "action", "weight", "taken")
+
+    def __init__(self, guard: LayerGuard, action: str, weight: bool) -> None:
+        self.guard, self.action, self.weight, self.taken = guard, action, weight, False
+
+    def __enter__(self) -> None:
+        guard, shared = self.guard, self.guard.weight
+        if self.weight:
+            # Every call on any layer over this weight registers in `users`: none may be running.
+            if not shared.lock.acquire(blocking=False):
+                raise _busy(guard.what, self.action, shared.writing or "a merge")
+            shared.writing = self.action
+            if shared.users:
+                shared.writing = None
+                shared.lock.release()
+                raise _in_use(guard.what, self.action)
+        else:
+            if not guard.lock.acquire(blocking=False):
+                raise _busy(guard.what, self.action, guard.writing or "a training call")
+            guard.writing = self.action
+            shared.users.append(None)
+            if guard.readers or shared.writing:
+                other = shared.writing
+                shared.users.pop()
+                guard.writing = None
+                guard.lock.release()
+                raise _busy(guard.what, self.action, other) if other else _in_use(guard.what, self.action)
+        self.taken = True
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.taken:
+            return
+        self.taken = False
+        guard, shared = self.guard, self.guard.weight
+        if self.weight:
+            shared.writing = None
+            shared.lock.release()
+        else:
+            shared.users.pop()
+            guard.writing = None
+            guard.lock.release()
+
+
+def reading_all(guards: Iterable[LayerGuard]) -> ExitStack:
+    """Read several layers at once (a mixed batch); fails, holding nothing, if any is written."""
+    with ExitStack() as undo:
+        for guard in guards:
+            undo.enter_context(guard)
+        return undo.pop_all()
+
+
+def writing_all(guards: Iterable[LayerGuard], action: str, *, weight: bool = False) -> ExitStack:
+    """Write several layers at once (an optimizer step, a swap): all of them, or none and raise.
+
+    With ``weight=True`` the weights are written: layers sharing a weight take its guard once.
+    """
+    with ExitStack() as undo:
+        seen: set[int] = set()
+        for guard in guards:
+            key = id(guard.weight) if weight else id(guard)
+            if key in seen:
+                continue
+            seen.add(key)
+            undo.enter_context(guard.writing_weight(action) if weight else guard.writing_layer(action))
+        return undo.pop_all()
+
+
+def guards_of(params: Any) -> list[LayerGuard]:
+    """The guards of the layers in `params` (a layer, a model, or lists of them); raw arrays have none."""
+    if isinstance(params, np.ndarray) or isinstance(params, (str, bytes)):
+        return []
+    guard = getattr(params, "_guard", None)
+    if isinstance(guard, LayerGuard):
+        return [guard]
+    layers = getattr(params, "layers", None)
+    if callable(layers) and hasattr(params, "named_parameters"):
+        return [g for layer in layers().values() for g in guards_of(layer)]
+    if isinstance(params, tuple) and len(params) == 2 and all(isinstance(a, np.ndarray) for a in params):
+        return []
+    if isinstance(params, Iterable):
+        return [g for item in params for g in guards_of(item)]
+    return []
