@@ -25,8 +25,9 @@ from typing import Any, Callable, TextIO, cast
 
 import numpy as np
 
+from . import _core
 from .embedding import LoraEmbedding
-from .linear import LoraLinear
+from .linear import LoraLinear, swap_adapters
 from .runtime import blas_info, get_num_threads, set_num_threads
 
 BATCHES, FLOAT64_BATCHES, LARGE_BATCH = (1, 2, 8, 32, 512), (8, 512), 512
@@ -302,28 +303,20 @@ def merge_cases(rng: np.random.Generator, size: int, r: int) -> Iterator[Case]:
                numpy=Side(lambda: np_weight.__isub__(s * (b @ a))),
                nplora=Side(layer.unmerge, setup=state(layer), value=lambda _: weight), **common)
 
-    # Swapping adapter 1 for adapter 2 over one weight: a layer's own swap method if it has one.
-    method = next((getattr(layer, m) for m in ("swap", "replace") if callable(getattr(layer, m, None))),
-                  None)
-
+    # Swapping adapter 1 for adapter 2 over one weight: nplora.swap_adapters, one pass over W.
     def swap() -> None:
-        if method is not None:
-            method(other)
-        else:
-            layer.unmerge()
-            other.merge()
+        swap_adapters(layer, other)
 
     state(layer)()
     np_weight[...] = weight
-    how = f"layer.{method.__name__}" if method else "unmerge+merge"
-    yield Case(id="swap", kernel=f"swap adapters ({how})",
-               bytes=traffic if method else 2 * traffic, note="NumPy: W += s*B2@A2 - s*B1@A1",
+    yield Case(id="swap", kernel="swap adapters (one pass)",
+               bytes=traffic, note="NumPy: W += s*B2@A2 - s*B1@A1",
                numpy=Side(lambda: np_weight.__iadd__(s * (b2 @ a2) - s * (b @ a))),
                nplora=Side(swap, setup=state(layer), value=lambda _: weight), **common)
     state(None)()
 
 
-def mixed_case(rng: np.random.Generator, size: int, r: int) -> Case:
+def mixed_cases(rng: np.random.Generator, size: int, r: int) -> Iterator[Case]:
     from .config import LoraConfig
     from .model import LoraModel
 
@@ -343,19 +336,33 @@ def mixed_case(rng: np.random.Generator, size: int, r: int) -> Case:
     ids = rng.permutation(n)  # one adapter per row
     x = random_matrix(rng, (n, size), np.float32)
 
-    def numpy_mixed() -> np.ndarray:
+    def numpy_per_adapter() -> np.ndarray:
+        # What a NumPy user with one layer per adapter writes: each adapter's rows go through
+        # its own layer, base product included (the target row of PERFORMANCE.md).
+        y = np.empty((n, size), np.float32)
+        for k in range(n):
+            rows = ids == k
+            y[rows] = x[rows] @ weight.T + s * (x[rows] @ stacked_a[k].T) @ stacked_b[k].T
+        return y
+
+    def numpy_shared_base() -> np.ndarray:
+        # A NumPy user who knows the punica trick: the base product once, then the LoRA terms.
         y = x @ weight.T
         for k in range(n):
             rows = ids == k
             y[rows] += s * (x[rows] @ stacked_a[k].T) @ stacked_b[k].T
         return y
 
-    return Case(id="mixed_64", kernel=f"mixed batch, {n} adapters",
-                shape=f"b={n}, {size}x{size}, r={r}", dtype=np.dtype(np.float32),
-                numpy=Side(numpy_mixed),
-                nplora=Side(lambda: model.forward("proj", x, adapter_ids=ids)),
-                flops=2.0 * n * size * size + 4.0 * n * r * size, bytes=float(weight.nbytes),
-                unit="GB/s", target=10.0, note="NumPy: a loop over adapters with fancy indexing")
+    common = dict(shape=f"b={n}, {size}x{size}, r={r}", dtype=np.dtype(np.float32),
+                  nplora=Side(lambda: model.forward("proj", x, adapter_ids=ids)),
+                  flops=2.0 * n * size * size + 4.0 * n * r * size, bytes=float(weight.nbytes),
+                  unit="GB/s")
+    yield Case(id="mixed_64", kernel=f"mixed batch, {n} adapters", numpy=Side(numpy_per_adapter),
+               target=10.0, note="NumPy: a loop over per-adapter layers with fancy indexing",
+               **common)
+    yield Case(id="mixed_64_shared", kernel=f"mixed batch, {n} adapters, NumPy base once",
+               numpy=Side(numpy_shared_base), target=1.0,
+               note="NumPy: x @ W.T once, then a loop over adapters with fancy indexing", **common)
 
 
 def embedding_case(rng: np.random.Generator, vocab: int, size: int, r: int) -> Case:
@@ -508,6 +515,8 @@ def machine_info() -> dict[str, Any]:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(), "numpy": np.__version__, "numpy_blas": blas,
         "nplora": __version__, "nplora_threads": get_num_threads(), "nplora_blas": blas_info(),
+        "kernel_isa": _core.kernel_isa(),
+        "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
     }
 
 
@@ -517,7 +526,7 @@ def all_cases(size: int, r: int, vocab: int, torch_peft: TorchPeft | None) -> It
     yield from forward_cases(rng, size, r, torch_peft)
     yield backward_case(rng, size, r, torch_peft)
     yield from merge_cases(rng, size, r)
-    yield mixed_case(rng, size, r)
+    yield from mixed_cases(rng, size, r)
     yield embedding_case(rng, vocab, size, r)
     yield from limit_cases(rng, size)
 
@@ -623,6 +632,9 @@ def format_header(result: dict[str, Any]) -> list[str]:
         f"nplora {m['nplora']}, {m['nplora_threads']} threads, products on {nb['backend']}"
         + (f" ({nb['symbol']} in {os.path.basename(nb['filepath'])})" if nb.get("filepath") else ""),
     ]
+    lines.append(f"SIMD kernels: {m.get('kernel_isa')}; OPENBLAS_THREAD_TIMEOUT="
+                 f"{m.get('openblas_thread_timeout') or 'unset'} (unset: NumPy's BLAS workers spin "
+                 "~0.1 s after each call, competing with nplora's threads)")
     if settings["torch"]:
         lines.append(f"PyTorch {m['torch']} + PEFT {m['peft']}, {m['torch_threads']} threads")
     elif m.get("torch_skipped"):
