@@ -353,7 +353,7 @@ def mixed_cases(rng: np.random.Generator, size: int, r: int) -> Iterator[Case]:
             y[rows] += s * (x[rows] @ stacked_a[k].T) @ stacked_b[k].T
         return y
 
-    common = dict(shape=f"b={n}, {size}x{size}, r={r}", dtype=np.dtype(np.float32),
+    common: dict[str, Any] = dict(shape=f"b={n}, {size}x{size}, r={r}", dtype=np.dtype(np.float32),
                   nplora=Side(lambda: model.forward("proj", x, adapter_ids=ids)),
                   flops=2.0 * n * size * size + 4.0 * n * r * size, bytes=float(weight.nbytes),
                   unit="GB/s")
