@@ -24,6 +24,8 @@ from typing import Any, Union
 import ml_dtypes
 import numpy as np
 
+from .config import _unique_keys  # a JSON object with a key twice is refused, not resolved
+
 MAX_HEADER_SIZE = 100_000_000  # the safetensors package's own limit
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -94,13 +96,6 @@ class _Header:
     metadata: dict[str, str]
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
 
 
 def _is_count(value: Any) -> bool:
