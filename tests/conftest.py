@@ -27,11 +27,12 @@ def rng():
     return np.random.default_rng(1234)
 
 
-@pytest.fixture(params=["numpy", "eigen"])
+@pytest.fixture(params=["nplora", "numpy", "eigen"])
 def backend(request):
-    """Runs a test on NumPy's BLAS and on the Eigen fallback, restoring NumPy's afterwards."""
-    used = nplora.use_blas(request.param)
+    """Runs a test on each product backend (nplora's kernels, NumPy's BLAS, Eigen), restoring the default."""
+    # "nplora" here runs float64 on nplora's kernels too (by default it goes to NumPy's dgemm).
+    used = nplora.use_blas(request.param, float64="nplora" if request.param == "nplora" else None)
     if used != request.param:
         pytest.skip(f"backend {request.param} not available here")
     yield request.param
-    nplora.use_blas("numpy")
+    nplora.use_blas("nplora")

@@ -26,6 +26,17 @@ def test_small_batch_kernel_matches_numpy(rng, dtype, n, in_features, out_featur
     np.testing.assert_allclose(layer(x), expected, rtol=tol, atol=tol * np.abs(expected).max())
 
 
+def worst_error_on_every_isa(script: str) -> dict[str, float]:
+    """Runs `script` (which prints "<isa> <worst error>") once per NPLORA_ISA, in fresh processes."""
+    seen = {}
+    for isa in ("avx512", "avx2", "none"):
+        env = dict(os.environ, NPLORA_ISA=isa)
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                             check=True).stdout.split()
+        seen[out[0]] = float(out[1])
+    return seen
+
+
 def test_every_instruction_set_gives_the_same_answer():
     # NPLORA_ISA lowers the kernels' instruction set in a fresh process; all must agree.
     script = (
@@ -38,12 +49,7 @@ def test_every_instruction_set_gives_the_same_answer():
         "ref = x @ w.T + b + layer.scaling * (x @ layer.lora_A.T) @ layer.lora_B.T\n"
         "print(_core.kernel_isa(), float(np.abs(layer(x) - ref).max()))\n"
     )
-    seen = {}
-    for isa in ("avx512", "avx2", "none"):
-        env = dict(os.environ, NPLORA_ISA=isa)
-        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                             check=True).stdout.split()
-        seen[out[0]] = float(out[1])
+    seen = worst_error_on_every_isa(script)
     assert all(err < 1e-11 for err in seen.values()), seen
     assert "none" in seen
 
@@ -63,3 +69,153 @@ def test_swap_is_one_update_with_the_right_result(rng, dtype):
     other = nplora.LoraLinear(weight.copy(), r=2)
     with pytest.raises(ValueError, match="same weight"):
         _core.swap_merged(second._core, other._core)
+
+
+# ------------------------------------------------------------------ the core's matrix product
+
+GEMM_SHAPES = [
+    (1, 1, 1),
+    (3, 5, 7),
+    (8, 32, 512),  # exactly one tile, one k block
+    (9, 33, 513),  # one past every edge
+    (37, 300, 1100),  # several W blocks and k blocks, ragged everywhere
+    (200, 5, 70),  # tall and skinny C: the transposed route
+    (16, 600, 40),
+]
+
+
+@pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_gemm_matches_numpy(rng, dtype, backend, m, n, k, trans_a, trans_b):
+    a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
+    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
+    op_a, op_b = (a.T if trans_a else a), (b.T if trans_b else b)
+    exact = op_a.astype(np.float64) @ op_b.astype(np.float64)
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    scale = np.abs(exact).max() + 1.0
+    for alpha, beta in [(1.0, 0.0), (-0.5, 1.0), (2.0, 0.25)]:
+        # C lives inside a wider array: a row stride above n must be honoured, the padding untouched.
+        storage = rng.standard_normal((m, n + 3)).astype(dtype)
+        c = storage[:, :n]
+        before, padding = c.copy(), storage[:, n:].copy()
+        if beta == 0.0:
+            c[...] = np.nan  # beta == 0 must not read C
+        _core.gemm(a, b, c, trans_a, trans_b, alpha, beta)
+        want = alpha * exact + (beta * before if beta else 0.0)
+        np.testing.assert_allclose(c, want, rtol=tol, atol=tol * scale * max(1.0, abs(alpha)))
+        np.testing.assert_array_equal(storage[:, n:], padding)
+
+
+def test_gemm_is_bitwise_the_same_on_one_and_two_threads(rng):
+    # Each element is summed in one fixed order whichever thread computes it.
+    nplora.use_blas("nplora", float64="nplora")
+    before = nplora.get_num_threads()
+    try:
+        for dtype in (np.float32, np.float64):
+            for m, n, k in [(300, 700, 1100), (400, 9, 600), (9, 900, 700)]:
+                a = rng.standard_normal((m, k)).astype(dtype)
+                b = rng.standard_normal((n, k)).astype(dtype)
+                results = []
+                for threads in (1, 2):
+                    nplora.set_num_threads(threads)
+                    c = np.empty((m, n), dtype)
+                    _core.gemm(a, b, c, False, True)
+                    results.append(c)
+                np.testing.assert_array_equal(results[0], results[1])
+    finally:
+        nplora.set_num_threads(before)
+        nplora.use_blas("nplora")
+
+
+def test_gemm_rejects_mismatched_shapes():
+    a = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError, match=r"op\(a\) is \(3, 4\), op\(b\) \(5, 2\)"):
+        _core.gemm(a, np.ones((5, 2), np.float32), np.empty((3, 2), np.float32))
+    with pytest.raises(TypeError):
+        _core.gemm(a, np.ones((4, 2), np.float64), np.empty((3, 2), np.float32))
+
+
+def test_every_instruction_set_runs_the_packed_product():
+    # The AVX-512 and AVX2 builds of the packed product (and no SIMD at all) agree with NumPy.
+    script = (
+        "import numpy as np, nplora\n"
+        "from nplora import _core\n"
+        "nplora.use_blas('nplora', float64='nplora')\n"
+        "rng = np.random.default_rng(0)\n"
+        "worst = 0.0\n"
+        "for m, n, k in [(37, 300, 1100), (200, 5, 70), (8, 32, 512)]:\n"
+        "    for ta in (False, True):\n"
+        "        for tb in (False, True):\n"
+        "            a = rng.standard_normal((k, m) if ta else (m, k))\n"
+        "            b = rng.standard_normal((n, k) if tb else (k, n))\n"
+        "            c = np.empty((m, n))\n"
+        "            _core.gemm(a, b, c, ta, tb)\n"
+        "            ref = (a.T if ta else a) @ (b.T if tb else b)\n"
+        "            worst = max(worst, float(np.abs(c - ref).max()))\n"
+        "print(_core.kernel_isa(), worst)\n"
+    )
+    seen = worst_error_on_every_isa(script)
+    assert all(err < 1e-10 for err in seen.values()), seen
+    assert "none" in seen
+
+
+# ------------------------------------------------------------ NumPy's BLAS on nplora's threads
+
+def test_numpy_blas_runs_on_nplora_threads_with_the_same_results(rng):
+    info = nplora.blas_info()
+    if not info["numpy_blas_on_nplora_threads"]:
+        pytest.skip("NumPy's BLAS here has no caller-managed threading (OpenBLAS >= 0.3.27)")
+    cases = [(rng.standard_normal((n, 700)).astype(dtype), rng.standard_normal((900, 700)).astype(dtype))
+             for n in (1, 7, 300) for dtype in (np.float32, np.float64)]
+    shared = [x @ w.T for x, w in cases]
+    try:
+        assert nplora.share_threads_with_numpy(False) is False
+        assert nplora.blas_info()["numpy_blas_on_nplora_threads"] is False
+        own = [x @ w.T for x, w in cases]
+    finally:
+        assert nplora.share_threads_with_numpy(True) is True
+    for got, want in zip(shared, own):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_numpy_blas_on_nplora_threads_never_runs_its_jobs_one_by_one():
+    # OpenBLAS's threaded GEMM jobs wait on each other: run one after another they would spin
+    # forever. That must not happen when nplora's pool is busy (another thread's forward) or has
+    # fewer threads than OpenBLAS asks for. In a subprocess, so a hang fails on the timeout.
+    if not nplora.blas_info()["numpy_blas_on_nplora_threads"]:
+        pytest.skip("NumPy's BLAS here has no caller-managed threading (OpenBLAS >= 0.3.27)")
+    script = (
+        "import threading, numpy as np, nplora\n"
+        "from nplora import _core\n"
+        "rng = np.random.default_rng(0)\n"
+        "cases = [(rng.standard_normal((300, 700)).astype(t), rng.standard_normal((900, 700)).astype(t))\n"
+        "         for t in (np.float32, np.float64)]\n"
+        "want = [x @ w.T for x, w in cases]\n"
+        "layer = nplora.LoraLinear(rng.standard_normal((512, 512)).astype(np.float32), r=4).eval()\n"
+        "xs = rng.standard_normal((300, 512)).astype(np.float32)\n"
+        "stop = threading.Event()\n"
+        "def busy():\n"
+        "    while not stop.is_set():\n"
+        "        layer(xs)\n"
+        "t = threading.Thread(target=busy); t.start()\n"
+        "for _ in range(30):\n"
+        "    for (x, w), ref in zip(cases, want):\n"
+        "        assert np.array_equal(x @ w.T, ref)\n"
+        "stop.set(); t.join()\n"
+        "_core.set_num_threads(1)  # the pool alone, below OpenBLAS's 2 jobs\n"
+        "for (x, w), ref in zip(cases, want):\n"
+        "    assert np.array_equal(x @ w.T, ref)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         check=True).stdout.strip()
+    assert out == "ok"
+
+
+def test_sharing_threads_can_be_turned_off_at_import():
+    script = "import nplora; print(nplora.blas_info()['numpy_blas_on_nplora_threads'])"
+    env = dict(os.environ, NPLORA_SHARE_THREADS="0")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "False"

@@ -1,5 +1,6 @@
 #include "nplora/gemm.hpp"
 
+#include "nplora/kernels.hpp"
 #include "nplora/parallel.hpp"
 
 #include <atomic>
@@ -18,6 +19,14 @@ using CblasFn = void (*)(int, int, int, Int, Int, Int, T, const T*, Int, const T
 std::atomic<void*> g_sgemm{nullptr};
 std::atomic<void*> g_dgemm{nullptr};
 std::atomic<bool> g_ilp64{false};
+// Per element type: on this Zen 4 the packed kernels beat OpenBLAS's sgemm but not its dgemm.
+std::atomic<bool> g_own_float{true};
+std::atomic<bool> g_own_double{true};
+
+template <class T>
+bool own_for() {
+    return sizeof(T) == sizeof(float) ? g_own_float.load() : g_own_double.load();
+}
 
 template <class T>
 void* blas_entry();
@@ -93,6 +102,12 @@ void gemm(Trans ta, Trans tb, Index m, Index n, Index k, T alpha, const T* a, In
             C *= beta;
         return;
     }
+    if (own_for<T>()) {
+        const GemmArgs<T> args{a,       lda, ta == Trans::Yes, b,       ldb, tb == Trans::Yes, k,
+                               nullptr, 0,   0,                nullptr, 0,   0,                0,
+                               nullptr, alpha, beta,           c,       ldc, m,                n};
+        if (packed_gemm(args)) return;
+    }
     if (void* fn = blas_entry<T>()) {
         if (g_ilp64.load())
             call_cblas<T, std::int64_t>(fn, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
@@ -102,6 +117,27 @@ void gemm(Trans ta, Trans tb, Index m, Index n, Index k, T alpha, const T* a, In
     }
     eigen_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
+
+template <class T>
+void gemm_fused(const GemmArgs<T>& a) {
+    if (a.m <= 0 || a.n <= 0) return;
+    if (own_for<T>() && packed_gemm(a)) return;
+    const Trans tx = a.x_trans ? Trans::Yes : Trans::No, tw = a.w_trans ? Trans::Yes : Trans::No;
+    gemm(tx, tw, a.m, a.n, a.k, a.alpha, a.x, a.ldx, a.w, a.ldw, a.beta, a.c, a.ldc);
+    if (a.bias) {
+        const Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> bias_row(a.bias, a.n);
+        RowMap<T>(a.c, a.m, a.n, Eigen::OuterStride<>(a.ldc)).rowwise() += bias_row;
+    }
+    if (a.x2 && a.k2 > 0)
+        gemm(a.x2_trans ? Trans::Yes : Trans::No, a.w2_trans ? Trans::Yes : Trans::No, a.m, a.n, a.k2,
+             a.alpha, a.x2, a.ldx2, a.w2, a.ldw2, T(1), a.c, a.ldc);
+}
+
+void set_own_gemm(bool for_float, bool for_double) {
+    g_own_float = for_float;
+    g_own_double = for_double;
+}
+bool own_gemm_enabled(bool for_double) { return for_double ? g_own_double.load() : g_own_float.load(); }
 
 void set_cblas_gemm(const CblasGemm& functions) {
     g_ilp64 = functions.ilp64;
@@ -121,5 +157,7 @@ template void gemm<float>(Trans, Trans, Index, Index, Index, float, const float*
                           Index, float, float*, Index);
 template void gemm<double>(Trans, Trans, Index, Index, Index, double, const double*, Index,
                            const double*, Index, double, double*, Index);
+template void gemm_fused<float>(const GemmArgs<float>&);
+template void gemm_fused<double>(const GemmArgs<double>&);
 
 }  // namespace nplora

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <vector>
 
 namespace nplora {
@@ -105,5 +107,138 @@ bool small_batch_linear(const SmallBatchArgs<T>& given) {
 
 template bool small_batch_linear<float>(const SmallBatchArgs<float>&);
 template bool small_batch_linear<double>(const SmallBatchArgs<double>&);
+
+#if defined(NPLORA_HAVE_X86_KERNELS)
+namespace {
+
+// 64-byte aligned scratch. Each thread keeps its last buffer up to kKeptScratchBytes, so repeated
+// products do not pay fresh page faults on every call; larger ones are returned after use.
+constexpr std::size_t kKeptScratchBytes = std::size_t(16) << 20;
+
+struct FreeAligned {
+    void operator()(void* p) const { std::free(p); }
+};
+
+class Scratch {
+public:
+    template <class T>
+    T* get(std::size_t count) {
+        const std::size_t bytes = (count * sizeof(T) + 63) / 64 * 64;
+        if (bytes > capacity_) {
+            buffer_.reset();
+            capacity_ = 0;
+            void* raw = std::aligned_alloc(64, bytes);
+            if (!raw) throw std::bad_alloc();
+            buffer_.reset(raw);
+            capacity_ = bytes;
+        }
+        return static_cast<T*>(buffer_.get());
+    }
+    void release_if_large() {
+        if (capacity_ > kKeptScratchBytes) {
+            buffer_.reset();
+            capacity_ = 0;
+        }
+    }
+
+private:
+    std::unique_ptr<void, FreeAligned> buffer_;
+    std::size_t capacity_ = 0;
+};
+
+thread_local Scratch tls_packed_x;
+thread_local Scratch tls_w_block;
+
+template <class T>
+GemmShape shape_for(Isa chosen) {
+    return chosen == Isa::Avx512 ? kernels::avx512::gemm_shape(T()) : kernels::avx2::gemm_shape(T());
+}
+
+}  // namespace
+#endif
+
+template <class T>
+bool packed_gemm(const GemmArgs<T>& a) {
+#if defined(NPLORA_HAVE_X86_KERNELS)
+    const Isa chosen = isa();
+    if (chosen == Isa::None) return false;
+    if (a.m <= 0 || a.n <= 0) return true;
+    const Index depth = a.k + (a.x2 ? a.k2 : 0);
+    if (depth <= 0) return false;  // nothing to multiply: the caller scales C
+    const GemmShape shape = shape_for<T>(chosen);
+    if (!a.x2 && !a.bias && a.n < shape.cols && a.m >= 4 * shape.cols) {
+        // A tall, skinny C (e.g. G B, r columns): as it is, most lanes would hold padding and all
+        // of X would be packed for a single use. C^T = Wop^T X^T instead streams X through the
+        // per-block packing with every lane busy; then C = alpha C^T^T + beta C.
+        std::vector<T> ct(static_cast<std::size_t>(a.n * a.m));
+        GemmArgs<T> t{};
+        t.x = a.w;
+        t.ldx = a.ldw;
+        t.x_trans = !a.w_trans;
+        t.w = a.x;
+        t.ldw = a.ldx;
+        t.w_trans = !a.x_trans;
+        t.k = a.k;
+        t.alpha = T(1);
+        t.beta = T(0);
+        t.c = ct.data();
+        t.ldc = a.m;
+        t.m = a.n;
+        t.n = a.m;
+        packed_gemm(t);
+        for (Index i = 0; i < a.m; ++i) {
+            T* row = a.c + i * a.ldc;
+            for (Index j = 0; j < a.n; ++j) {
+                const T value = a.alpha * ct[static_cast<std::size_t>(j * a.m + i)];
+                row[j] = a.beta == T(0) ? value : value + a.beta * row[j];
+            }
+        }
+        return true;
+    }
+    const Index row_panels = (a.m + shape.rows - 1) / shape.rows;
+    const Index col_tiles = (a.n + shape.cols - 1) / shape.cols;
+
+    // X once, shared by every thread: ~64 KB of it per part is worth a thread.
+    T* packed = tls_packed_x.get<T>(static_cast<std::size_t>(row_panels * shape.rows * depth));
+    const Index panel_elems = shape.rows * depth;
+    parallel_for(row_panels, std::max<Index>(1, (Index(1) << 14) / panel_elems), [&](Index b, Index e) {
+        if (chosen == Isa::Avx512)
+            kernels::avx512::gemm_pack_x(a, b, e, packed);
+        else
+            kernels::avx2::gemm_pack_x(a, b, e, packed);
+    });
+
+    // Split C by columns (each thread streams its own part of W) when there are enough of them,
+    // else by rows. A part gets at least ~4 MFLOP: less does not pay for waking a thread.
+    const auto compute = [&](Index row_b, Index row_e, Index col_b, Index col_e) {
+        T* w_block = tls_w_block.get<T>(static_cast<std::size_t>(shape.depth * shape.block_cols));
+        if (chosen == Isa::Avx512)
+            kernels::avx512::gemm_compute(a, packed, row_b, row_e, col_b, col_e, w_block);
+        else
+            kernels::avx2::gemm_compute(a, packed, row_b, row_e, col_b, col_e, w_block);
+    };
+    constexpr double kMinFlopsPerPart = 4e6;
+    const int threads = get_num_threads();
+    if (col_tiles >= 2 * threads || col_tiles >= row_panels) {
+        const double tile_flops = 2.0 * static_cast<double>(a.m) * shape.cols * depth;
+        const Index grain = std::max<Index>(1, static_cast<Index>(kMinFlopsPerPart / tile_flops));
+        parallel_for(col_tiles, grain, [&](Index b, Index e) {
+            compute(0, row_panels, b * shape.cols, std::min(e * shape.cols, a.n));
+        });
+    } else {
+        const double panel_flops = 2.0 * shape.rows * static_cast<double>(a.n) * depth;
+        const Index grain = std::max<Index>(1, static_cast<Index>(kMinFlopsPerPart / panel_flops));
+        parallel_for(row_panels, grain, [&](Index b, Index e) { compute(b, e, 0, a.n); });
+    }
+    tls_packed_x.release_if_large();
+    return true;
+#else
+    (void)a;
+    return false;
+#endif
+}
+
+template bool packed_gemm<float>(const GemmArgs<float>&);
+template bool packed_gemm<double>(const GemmArgs<double>&);
 
 }  // namespace nplora

@@ -119,13 +119,30 @@ void LoraLinear<T>::backward(MatrixRef<const T> grad_y, MatrixRef<T> grad_x) {
          in_, T(1), a_grad_.data(), in_);
     if (!grad_x.data) return;
 
-    // dX = G W (+ the LoRA branch through dropout's mask)
-    gemm(Trans::No, fan_in_fan_out_ ? Trans::Yes : Trans::No, n, in_, out_, T(1), grad_y.data,
-         grad_y.row_stride, weight_.data, weight_.row_stride, T(0), grad_x.data, grad_x.row_stride);
+    // dX = G W + (s G B) A: one product, the LoRA term as a second stretch of k. With dropout the
+    // LoRA term goes through the mask, so it is added separately.
+    GemmArgs<T> dx{};
+    dx.x = grad_y.data;
+    dx.ldx = grad_y.row_stride;
+    dx.w = weight_.data;
+    dx.ldw = weight_.row_stride;
+    dx.w_trans = fan_in_fan_out_;  // W is [out, in]: G W needs no transpose
+    dx.k = out_;
     if (cached_keep_.empty()) {
-        gemm(Trans::No, Trans::No, n, in_, r, T(1), grad_projection.data(), r, a_.data(), in_, T(1),
-             grad_x.data, grad_x.row_stride);
-    } else {
+        dx.x2 = grad_projection.data();
+        dx.ldx2 = r;
+        dx.w2 = a_.data();
+        dx.ldw2 = in_;
+        dx.k2 = r;
+    }
+    dx.alpha = T(1);
+    dx.beta = T(0);
+    dx.c = grad_x.data;
+    dx.ldc = grad_x.row_stride;
+    dx.m = n;
+    dx.n = in_;
+    gemm_fused(dx);
+    if (!cached_keep_.empty()) {
         RowMatrix<T> lora_grad(n, in_);
         gemm(Trans::No, Trans::No, n, in_, r, T(1), grad_projection.data(), r, a_.data(), in_, T(0),
              lora_grad.data(), in_);

@@ -21,13 +21,30 @@ void linear_product(MatrixRef<const T> weight, bool fan_in_fan_out, const T* bia
                                      nullptr, nullptr, 0};
         if (small_batch_linear(args)) return;
     }
-    gemm(Trans::No, fan_in_fan_out ? Trans::No : Trans::Yes, n, out, in, T(1), x.data, x.row_stride,
-         weight.data, weight.row_stride, T(0), y.data, y.row_stride);
-    if (bias) {
-        const Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> bias_row(bias, out);
-        map(y).rowwise() += bias_row;
+    // Larger batches: one packed product, the LoRA term as a second stretch of k, bias at the store.
+    GemmArgs<T> args{};
+    args.x = x.data;
+    args.ldx = x.row_stride;
+    args.w = weight.data;
+    args.ldw = weight.row_stride;
+    args.w_trans = !fan_in_fan_out;  // W is [out, in] unless fan_in_fan_out
+    args.k = in;
+    if (xs) {
+        args.x2 = xs;
+        args.ldx2 = r;
+        args.w2 = b;
+        args.ldw2 = r;
+        args.w2_trans = 1;  // B is [out, r]
+        args.k2 = r;
     }
-    if (xs) gemm(Trans::No, Trans::Yes, n, out, r, T(1), xs, r, b, r, T(1), y.data, y.row_stride);
+    args.bias = bias;
+    args.alpha = T(1);
+    args.beta = T(0);
+    args.c = y.data;
+    args.ldc = y.row_stride;
+    args.m = n;
+    args.n = out;
+    gemm_fused(args);
 }
 
 template <class T>

@@ -54,6 +54,34 @@ public:
             body(0, n);
             return;
         }
+        run_parts(n, wanted, body);
+    }
+
+    // body(i, i + 1) for every i < count, all at the same time (the parts may wait on each other,
+    // as OpenBLAS's threaded GEMM does): on the pool when it is free and has the threads, else on
+    // the caller plus temporary threads. Never one after another.
+    void run_all_at_once(int count, const std::function<void(Index, Index)>& body) {
+        if (count <= 1) {
+            if (count == 1) body(0, 1);
+            return;
+        }
+        {
+            std::unique_lock<std::mutex> dispatch(dispatch_mutex_, std::try_to_lock);
+            if (dispatch.owns_lock() && count <= num_threads_.load()) {
+                run_parts(count, count, body);
+                return;
+            }
+        }
+        std::vector<std::thread> extra;
+        extra.reserve(static_cast<std::size_t>(count - 1));
+        for (int i = 1; i < count; ++i) extra.emplace_back([&body, i] { body(i, i + 1); });
+        body(0, 1);
+        for (auto& t : extra) t.join();
+    }
+
+private:
+    // Called with dispatch_mutex_ held: `wanted` contiguous parts of [0, n), part 0 on the caller.
+    void run_parts(Index n, int wanted, const std::function<void(Index, Index)>& body) {
         if (static_cast<int>(workers_.size()) < wanted - 1) resize(wanted - 1);
 
         const Index chunk = (n + wanted - 1) / wanted;
@@ -79,7 +107,6 @@ public:
             if (e) std::rethrow_exception(e);
     }
 
-private:
     void run_part(int part) {
         const Index begin = part * chunk_;
         const Index end = std::min(n_, begin + chunk_);
@@ -180,6 +207,18 @@ void set_num_threads(int n) {
 
 void parallel_for(Index n, Index grain, const std::function<void(Index, Index)>& body) {
     pool().run(n, grain, body);
+}
+
+extern "C" void nplora_blas_threads_callback(int /*sync: always wait*/, BlasJob job, int count,
+                                             std::size_t job_size, void* jobs, int job_arg) noexcept {
+    // OpenBLAS's threaded GEMM jobs wait for each other (they share packed panels), so they must all
+    // run at once; each gets its own thread_num below `count` (OpenBLAS picks scratch by it).
+    // Nothing may be thrown into the C caller: failing to start a thread ends the process (noexcept)
+    // rather than running jobs one after another, which would hang on their mutual waits.
+    char* const base = static_cast<char*>(jobs);
+    pool().run_all_at_once(count, [&](Index i, Index) {
+        job(static_cast<int>(i), base + static_cast<std::size_t>(i) * job_size, job_arg);
+    });
 }
 
 }  // namespace nplora

@@ -23,7 +23,7 @@ from .linear import LoraLinear, swap_adapters
 from .model import LoraModel, load_adapter
 from .optim import SGD, AdamW, Optimizer
 from .safetensors_io import open_weights, save_weights
-from .runtime import blas_info, get_num_threads, set_num_threads, use_blas
+from .runtime import blas_info, get_num_threads, set_num_threads, share_threads_with_numpy, use_blas
 
 __all__ = [
     "AdamW",
@@ -46,6 +46,7 @@ __all__ = [
     "read_adapter",
     "save_weights",
     "set_num_threads",
+    "share_threads_with_numpy",
     "swap_adapters",
     "use_blas",
 ]

@@ -8,7 +8,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['LoraEmbedding_float32', 'LoraEmbedding_float64', 'LoraLinear_float32', 'LoraLinear_float64', 'adamw_step', 'get_cblas_gemm', 'get_num_threads', 'kernel_isa', 'mixed_linear_forward', 'set_cblas_gemm', 'set_num_threads', 'sgd_step', 'swap_merged']
+__all__: list[str] = ['LoraEmbedding_float32', 'LoraEmbedding_float64', 'LoraLinear_float32', 'LoraLinear_float64', 'adamw_step', 'blas_threads_callback_address', 'gemm', 'get_cblas_gemm', 'get_num_threads', 'kernel_isa', 'mixed_linear_forward', 'own_gemm_enabled', 'set_cblas_gemm', 'set_num_threads', 'set_own_gemm', 'sgd_step', 'swap_merged']
 class LoraLinear_float32:
     """
     C++ LoRA linear layer over a caller-owned weight (use nplora.LoraLinear).
@@ -30,13 +30,13 @@ class LoraLinear_float32:
         ...
     def merge(self) -> bool:
         """
-        W += scaling * B @ A in place; False if already merged.
+        Add scaling * delta into the weight in place; False if already merged.
         """
     def reset_lora_parameters(self, init: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     def unmerge(self) -> bool:
         """
-        W -= scaling * B @ A in place; False if not merged.
+        Subtract scaling * delta from the weight in place; False if not merged.
         """
     def zero_grad(self) -> None:
         ...
@@ -109,13 +109,13 @@ class LoraLinear_float64:
         ...
     def merge(self) -> bool:
         """
-        W += scaling * B @ A in place; False if already merged.
+        Add scaling * delta into the weight in place; False if already merged.
         """
     def reset_lora_parameters(self, init: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     def unmerge(self) -> bool:
         """
-        W -= scaling * B @ A in place; False if not merged.
+        Subtract scaling * delta from the weight in place; False if not merged.
         """
     def zero_grad(self) -> None:
         ...
@@ -189,11 +189,15 @@ class LoraEmbedding_float32:
     def forward(self, ids: numpy.typing.NDArray[numpy.int64], out: numpy.typing.NDArray[numpy.float32], training: bool) -> None:
         ...
     def merge(self) -> bool:
-        ...
+        """
+        Add scaling * delta into the weight in place; False if already merged.
+        """
     def reset_lora_parameters(self, init: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     def unmerge(self) -> bool:
-        ...
+        """
+        Subtract scaling * delta from the weight in place; False if not merged.
+        """
     def zero_grad(self) -> None:
         ...
     @property
@@ -266,11 +270,15 @@ class LoraEmbedding_float64:
     def forward(self, ids: numpy.typing.NDArray[numpy.int64], out: numpy.typing.NDArray[numpy.float64], training: bool) -> None:
         ...
     def merge(self) -> bool:
-        ...
+        """
+        Add scaling * delta into the weight in place; False if already merged.
+        """
     def reset_lora_parameters(self, init: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     def unmerge(self) -> bool:
-        ...
+        """
+        Subtract scaling * delta from the weight in place; False if not merged.
+        """
     def zero_grad(self) -> None:
         ...
     @property
@@ -331,6 +339,20 @@ def adamw_step(param: numpy.typing.NDArray[numpy.float64], grad: numpy.typing.ND
     """
     One fused AdamW update of `param` in place (PyTorch's arithmetic).
     """
+def blas_threads_callback_address() -> int:
+    """
+    Address of the OpenBLAS threads callback that runs a BLAS's jobs on nplora's pool.
+    """
+@typing.overload
+def gemm(a: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], b: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], c: numpy.typing.NDArray[numpy.float32], trans_a: bool = False, trans_b: bool = False, alpha: typing.SupportsFloat | typing.SupportsIndex = 1.0, beta: typing.SupportsFloat | typing.SupportsIndex = 0.0) -> None:
+    """
+    c = alpha * op(a) @ op(b) + beta * c on the core's current product backend (for tests).
+    """
+@typing.overload
+def gemm(a: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], b: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], c: numpy.typing.NDArray[numpy.float64], trans_a: bool = False, trans_b: bool = False, alpha: typing.SupportsFloat | typing.SupportsIndex = 1.0, beta: typing.SupportsFloat | typing.SupportsIndex = 0.0) -> None:
+    """
+    c = alpha * op(a) @ op(b) + beta * c on the core's current product backend (for tests).
+    """
 def get_cblas_gemm() -> tuple[int, int, bool]:
     ...
 def get_num_threads() -> int:
@@ -351,6 +373,10 @@ def mixed_linear_forward(weight: numpy.typing.NDArray[numpy.float64], bias: nump
     """
     y = x W^T + bias, plus for each row its adapter's s (x A^T) B^T (-1: base only).
     """
+def own_gemm_enabled(for_double: bool) -> bool:
+    """
+    Whether float32 (False) / float64 (True) products run on nplora's packed kernels.
+    """
 def set_cblas_gemm(sgemm: typing.SupportsInt | typing.SupportsIndex, dgemm: typing.SupportsInt | typing.SupportsIndex, ilp64: bool) -> None:
     """
     Route large products to CBLAS sgemm/dgemm at these addresses (0 = Eigen).
@@ -358,6 +384,10 @@ def set_cblas_gemm(sgemm: typing.SupportsInt | typing.SupportsIndex, dgemm: typi
 def set_num_threads(n: typing.SupportsInt | typing.SupportsIndex) -> None:
     """
     Set the threads nplora's kernels use.
+    """
+def set_own_gemm(for_float: bool, for_double: bool) -> None:
+    """
+    Run float32 / float64 products on nplora's packed kernels (True) or on CBLAS/Eigen.
     """
 @typing.overload
 def sgd_step(param: numpy.typing.NDArray[numpy.float32], grad: numpy.typing.NDArray[numpy.float32], momentum_buffer: numpy.typing.NDArray[numpy.float32], lr: typing.SupportsFloat | typing.SupportsIndex, momentum: typing.SupportsFloat | typing.SupportsIndex, dampening: typing.SupportsFloat | typing.SupportsIndex, weight_decay: typing.SupportsFloat | typing.SupportsIndex, nesterov: bool, first_step: bool) -> None:

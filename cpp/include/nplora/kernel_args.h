@@ -32,19 +32,68 @@ struct SmallBatchArgs {
     std::ptrdiff_t ldt;
 };
 
+/* C = alpha (X Wop + X2 W2op) + beta C, plus bias[j] on every row when bias is non-null, for a
+   row-major C [m, n] (row stride ldc). X is [m, k]: x[i * ldx + p], or x[p * ldx + i] with x_trans.
+   Wop is [k, n]: w[p * ldw + j], or w[j * ldw + p] with w_trans. The second term is optional (x2
+   null: none) and has depth k2. With beta == 0, C is written without being read. */
+template <class T>
+struct GemmArgs {
+    const T* x;
+    std::ptrdiff_t ldx;
+    int x_trans;
+    const T* w;
+    std::ptrdiff_t ldw;
+    int w_trans;
+    std::ptrdiff_t k;
+    const T* x2;
+    std::ptrdiff_t ldx2;
+    int x2_trans;
+    const T* w2;
+    std::ptrdiff_t ldw2;
+    int w2_trans;
+    std::ptrdiff_t k2;
+    const T* bias;
+    T alpha;
+    T beta;
+    T* c;
+    std::ptrdiff_t ldc;
+    std::ptrdiff_t m;
+    std::ptrdiff_t n;
+};
+
+/* The packed GEMM's blocking: tiles of `rows` x `cols` of C, k blocks of `depth`, W blocks of
+   `block_cols` columns. X is packed as ceil(m / rows) panels of rows x (k + k2). */
+struct GemmShape {
+    int rows;
+    int cols;
+    std::ptrdiff_t depth;
+    std::ptrdiff_t block_cols;
+};
+
+/* What each instruction set's kernel file defines, declared once for every ISA namespace. */
+#define NPLORA_KERNEL_ENTRY_POINTS(T)                                                              \
+    void small_batch_rows(const SmallBatchArgs<T>& args, std::ptrdiff_t begin, std::ptrdiff_t end); \
+    int lanes(T); /* vector width in elements */                                                  \
+    GemmShape gemm_shape(T);                                                                       \
+    void gemm_pack_x(const GemmArgs<T>& a, std::ptrdiff_t panel_begin, std::ptrdiff_t panel_end,    \
+                     T* packed);                                                                   \
+    /* C's rows [row_panel_begin, row_panel_end) * rows by columns [col_begin, col_end); w_block     \
+       holds depth * block_cols elements of scratch. */                                            \
+    void gemm_compute(const GemmArgs<T>& a, const T* packed_x, std::ptrdiff_t row_panel_begin,      \
+                      std::ptrdiff_t row_panel_end, std::ptrdiff_t col_begin, std::ptrdiff_t col_end, \
+                      T* w_block);
+
 namespace kernels {
 namespace avx512 {
-void small_batch_rows(const SmallBatchArgs<float>& args, std::ptrdiff_t begin, std::ptrdiff_t end);
-void small_batch_rows(const SmallBatchArgs<double>& args, std::ptrdiff_t begin, std::ptrdiff_t end);
-int lanes(float);  /* vector width in elements */
-int lanes(double);
+NPLORA_KERNEL_ENTRY_POINTS(float)
+NPLORA_KERNEL_ENTRY_POINTS(double)
 }  // namespace avx512
 namespace avx2 {
-void small_batch_rows(const SmallBatchArgs<float>& args, std::ptrdiff_t begin, std::ptrdiff_t end);
-void small_batch_rows(const SmallBatchArgs<double>& args, std::ptrdiff_t begin, std::ptrdiff_t end);
-int lanes(float);  /* vector width in elements */
-int lanes(double);
+NPLORA_KERNEL_ENTRY_POINTS(float)
+NPLORA_KERNEL_ENTRY_POINTS(double)
 }  // namespace avx2
 }  // namespace kernels
+
+#undef NPLORA_KERNEL_ENTRY_POINTS
 
 }  // namespace nplora

@@ -15,6 +15,11 @@ const char* kernel_isa();
 template <class T>
 bool small_batch_linear(const SmallBatchArgs<T>& args);
 
+// C = alpha (X Wop + X2 W2op) + beta C (+ bias) on the packed AVX kernels, threaded over
+// nplora's pool. Returns false (doing nothing) when no SIMD kernel is available or k + k2 == 0.
+template <class T>
+bool packed_gemm(const GemmArgs<T>& args);
+
 // Batches up to this many rows take small_batch_linear; larger ones a BLAS-class product.
 constexpr Index kSmallBatchMaxRows = 64;
 

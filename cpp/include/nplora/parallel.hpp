@@ -4,6 +4,7 @@
 
 #include "nplora/types.hpp"
 
+#include <cstddef>
 #include <functional>
 
 namespace nplora {
@@ -17,5 +18,15 @@ void set_num_threads(int n);
 // last, on up to get_num_threads() threads. An exception in any range is rethrown here. Calls made
 // while the pool is busy (from another thread, or nested) run inline on the caller's thread.
 void parallel_for(Index n, Index grain, const std::function<void(Index, Index)>& body);
+
+// Caller-managed threading for a BLAS (OpenBLAS >= 0.3.27: openblas_set_threads_callback_function):
+// the BLAS hands over its parallel jobs and they run on this pool, so a process that mixes NumPy
+// and nplora has one set of threads instead of two competing for the same cores (OpenBLAS's own
+// workers spin for a while after every call). The signature is OpenBLAS's openblas_threads_callback.
+extern "C" {
+typedef void (*BlasJob)(int thread_num, void* job, int job_arg);
+void nplora_blas_threads_callback(int sync, BlasJob job, int count, std::size_t job_size, void* jobs,
+                                  int job_arg) noexcept;
+}
 
 }  // namespace nplora
