@@ -58,7 +58,8 @@ public:
     }
 
     // body(i, i + 1) for every i < count, all at the same time (the parts may wait on each other,
-    // as OpenBLAS's threaded GEMM does): on the pool when it is free and has the threads, else on
+    // as OpenBLAS's threaded GEMM does): on the pool when it is free (growing it if the BLAS wants
+    // more threads than set_num_threads gave; the extra workers only ever serve such calls), else on
     // the caller plus temporary threads. Never one after another.
     void run_all_at_once(int count, const std::function<void(Index, Index)>& body) {
         if (count <= 1) {
@@ -67,7 +68,7 @@ public:
         }
         {
             std::unique_lock<std::mutex> dispatch(dispatch_mutex_, std::try_to_lock);
-            if (dispatch.owns_lock() && count <= num_threads_.load()) {
+            if (dispatch.owns_lock()) {
                 run_parts(count, count, body);
                 return;
             }
