@@ -219,3 +219,15 @@ def test_sharing_threads_can_be_turned_off_at_import():
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "False"
+
+
+def test_gemm_with_alpha_zero_reads_neither_operand(rng, dtype, backend):
+    # As BLAS: alpha == 0 means C = beta C, even when A or B hold inf or NaN.
+    a = rng.standard_normal((70, 600)).astype(dtype)
+    b = rng.standard_normal((600, 300)).astype(dtype)
+    a[3, 5], b[7, 2] = np.inf, np.nan
+    c0 = rng.standard_normal((70, 300)).astype(dtype)
+    for beta in (0.0, 0.5):
+        c = c0.copy()
+        _core.gemm(a, b, c, False, False, 0.0, beta)
+        np.testing.assert_array_equal(c, beta * c0)

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <mutex>
 
 namespace nplora {
 namespace {
@@ -16,9 +17,9 @@ constexpr int kCblasTrans = 112;
 template <class T, class Int>
 using CblasFn = void (*)(int, int, int, Int, Int, Int, T, const T*, Int, const T*, Int, T, T*, Int);
 
-std::atomic<void*> g_sgemm{nullptr};
-std::atomic<void*> g_dgemm{nullptr};
-std::atomic<bool> g_ilp64{false};
+// The CBLAS functions and their integer width change together (use_blas), so they are read together.
+std::mutex g_cblas_mutex;
+CblasGemm g_cblas;  // guarded by g_cblas_mutex
 // Per element type: on this Zen 4 the packed kernels beat OpenBLAS's sgemm but not its dgemm.
 std::atomic<bool> g_own_float{true};
 std::atomic<bool> g_own_double{true};
@@ -29,11 +30,9 @@ bool own_for() {
 }
 
 template <class T>
-void* blas_entry();
-template <>
-void* blas_entry<float>() { return g_sgemm.load(); }
-template <>
-void* blas_entry<double>() { return g_dgemm.load(); }
+void* blas_entry(const CblasGemm& functions) {
+    return sizeof(T) == sizeof(float) ? functions.sgemm : functions.dgemm;
+}
 
 template <class T, class Int>
 void call_cblas(void* fn, Trans ta, Trans tb, Index m, Index n, Index k, T alpha, const T* a,
@@ -94,7 +93,7 @@ template <class T>
 void gemm(Trans ta, Trans tb, Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b,
           Index ldb, T beta, T* c, Index ldc) {
     if (m <= 0 || n <= 0) return;
-    if (k <= 0) {
+    if (k <= 0 || alpha == T(0)) {  // as BLAS: A and B are not read, C = beta C
         RowMap<T> C(c, m, n, Eigen::OuterStride<>(ldc));
         if (beta == T(0))
             C.setZero();
@@ -108,8 +107,9 @@ void gemm(Trans ta, Trans tb, Index m, Index n, Index k, T alpha, const T* a, In
                                nullptr, alpha, beta,           c,       ldc, m,                n};
         if (packed_gemm(args)) return;
     }
-    if (void* fn = blas_entry<T>()) {
-        if (g_ilp64.load())
+    const CblasGemm cblas = get_cblas_gemm();
+    if (void* fn = blas_entry<T>(cblas)) {
+        if (cblas.ilp64)
             call_cblas<T, std::int64_t>(fn, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         else
             call_cblas<T, int>(fn, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
@@ -121,7 +121,8 @@ void gemm(Trans ta, Trans tb, Index m, Index n, Index k, T alpha, const T* a, In
 template <class T>
 void gemm_fused(const GemmArgs<T>& a) {
     if (a.m <= 0 || a.n <= 0) return;
-    if (own_for<T>() && packed_gemm(a)) return;
+    // alpha == 0 goes the long way, where gemm() leaves X and W unread as BLAS does.
+    if (a.alpha != T(0) && own_for<T>() && packed_gemm(a)) return;
     const Trans tx = a.x_trans ? Trans::Yes : Trans::No, tw = a.w_trans ? Trans::Yes : Trans::No;
     gemm(tx, tw, a.m, a.n, a.k, a.alpha, a.x, a.ldx, a.w, a.ldw, a.beta, a.c, a.ldc);
     if (a.bias) {
@@ -140,17 +141,13 @@ void set_own_gemm(bool for_float, bool for_double) {
 bool own_gemm_enabled(bool for_double) { return for_double ? g_own_double.load() : g_own_float.load(); }
 
 void set_cblas_gemm(const CblasGemm& functions) {
-    g_ilp64 = functions.ilp64;
-    g_sgemm = functions.sgemm;
-    g_dgemm = functions.dgemm;
+    std::lock_guard<std::mutex> lock(g_cblas_mutex);
+    g_cblas = functions;
 }
 
 CblasGemm get_cblas_gemm() {
-    CblasGemm out;
-    out.sgemm = g_sgemm.load();
-    out.dgemm = g_dgemm.load();
-    out.ilp64 = g_ilp64.load();
-    return out;
+    std::lock_guard<std::mutex> lock(g_cblas_mutex);
+    return g_cblas;
 }
 
 template void gemm<float>(Trans, Trans, Index, Index, Index, float, const float*, Index, const float*,

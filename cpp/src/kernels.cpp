@@ -100,7 +100,7 @@ bool small_batch_linear(const SmallBatchArgs<T>& given) {
     });
     return true;
 #else
-    (void)args;
+    (void)given;
     return false;
 #endif
 }

@@ -24,6 +24,10 @@ int default_threads() {
     return hw == 0 ? 1 : static_cast<int>(hw);
 }
 
+// True while this thread runs a part of a pool job (the caller's part 0 included). A nested call
+// then runs without the pool: its dispatch mutex may be held by this very thread.
+thread_local bool tls_in_pool_job = false;
+
 // Workers sleep on a condition variable between jobs; a job is one parallel_for call split into
 // one contiguous range per thread. The caller runs range 0 itself.
 class Pool {
@@ -49,8 +53,12 @@ public:
         grain = std::max<Index>(grain, 1);
         const Index max_parts = (n + grain - 1) / grain;
         const int wanted = static_cast<int>(std::min<Index>(num_threads_.load(), max_parts));
+        if (wanted <= 1 || tls_in_pool_job) {
+            body(0, n);
+            return;
+        }
         std::unique_lock<std::mutex> dispatch(dispatch_mutex_, std::try_to_lock);
-        if (wanted <= 1 || !dispatch.owns_lock()) {
+        if (!dispatch.owns_lock()) {
             body(0, n);
             return;
         }
@@ -66,7 +74,7 @@ public:
             if (count == 1) body(0, 1);
             return;
         }
-        {
+        if (!tls_in_pool_job) {
             std::unique_lock<std::mutex> dispatch(dispatch_mutex_, std::try_to_lock);
             if (dispatch.owns_lock()) {
                 run_parts(count, count, body);
@@ -112,11 +120,14 @@ private:
         const Index begin = part * chunk_;
         const Index end = std::min(n_, begin + chunk_);
         if (begin >= end) return;
+        const bool outer = tls_in_pool_job;
+        tls_in_pool_job = true;
         try {
             (*body_)(begin, end);
         } catch (...) {
             (*errors_)[part] = std::current_exception();
         }
+        tls_in_pool_job = outer;
     }
 
     // `seen` starts at the generation current when the worker was created: a worker must never
@@ -180,9 +191,11 @@ private:
     std::vector<std::exception_ptr>* errors_ = nullptr;
 };
 
+// Never destroyed: a NumPy call on another thread may still run OpenBLAS jobs through the pool
+// (nplora_blas_threads_callback) while the interpreter exits and static destructors run.
 Pool& pool() {
-    static Pool instance;
-    return instance;
+    static Pool* const instance = new Pool();
+    return *instance;
 }
 
 void Pool::after_fork_in_child() {
