@@ -231,3 +231,38 @@ def test_gemm_with_alpha_zero_reads_neither_operand(rng, dtype, backend):
         c = c0.copy()
         _core.gemm(a, b, c, False, False, 0.0, beta)
         np.testing.assert_array_equal(c, beta * c0)
+
+
+@pytest.mark.parametrize("r", [1, 16, 64, 65, 100])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_large_batch_forward_and_backward_with_the_lora_term_fused(rng, dtype, backend, r,
+                                                                   fan_in_fan_out):
+    # Batch 129 takes the packed product; in=1100 spans three k blocks, out=300 two W blocks.
+    n, fan_in, fan_out = 129, 1100, 300
+    weight = rng.standard_normal((fan_in, fan_out) if fan_in_fan_out else (fan_out, fan_in)).astype(dtype)
+    bias = rng.standard_normal(fan_out).astype(dtype)
+    layer = nplora.LoraLinear(weight, bias, r=r, lora_alpha=3, fan_in_fan_out=fan_in_fan_out,
+                              init_lora_weights=False, seed=4)
+    w = weight.T if fan_in_fan_out else weight
+    a, b, s = layer.lora_A.astype(np.float64), layer.lora_B.astype(np.float64), layer.scaling
+    x = rng.standard_normal((n, fan_in)).astype(dtype)
+    g = rng.standard_normal((n, fan_out)).astype(dtype)
+    tol = 2e-4 if dtype == np.float32 else 1e-10
+
+    y_eval = layer.eval()(x)
+    want = x @ w.T.astype(np.float64) + bias + s * (x @ a.T) @ b.T
+    np.testing.assert_allclose(y_eval, want, rtol=tol, atol=tol * np.abs(want).max())
+
+    layer.train()
+    y = layer(x)
+    grad_x = layer.backward(g)
+    kept = x.astype(np.float64)
+    g64 = g.astype(np.float64)
+    want_y = x @ w.T.astype(np.float64) + bias + s * (kept @ a.T) @ b.T
+    np.testing.assert_allclose(y, want_y, rtol=tol, atol=tol * np.abs(want_y).max())
+    gb = g64 @ b
+    want_dx = g64 @ w.astype(np.float64) + s * gb @ a
+    np.testing.assert_allclose(grad_x, want_dx, rtol=tol, atol=tol * np.abs(want_dx).max())
+    want_da, want_db = s * gb.T @ kept, s * g64.T @ (kept @ a.T)
+    np.testing.assert_allclose(layer.lora_A_grad, want_da, rtol=tol, atol=tol * np.abs(want_da).max())
+    np.testing.assert_allclose(layer.lora_B_grad, want_db, rtol=tol, atol=tol * np.abs(want_db).max())
