@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
@@ -104,9 +105,13 @@ private:
             errors_ = &errors;
             pending_ = wanted - 1;
             ++generation_;
+            posted_.store(generation_, std::memory_order_release);
         }
         wake_.notify_all();
         run_part(0);
+        // The other parts usually finish within microseconds of this one: wait for them spinning
+        // first, sleeping only if they take longer.
+        spin_while([&] { return pending_.load(std::memory_order_acquire) != 0; });
         {
             std::unique_lock<std::mutex> lock(mutex_);
             done_.wait(lock, [&] { return pending_ == 0; });
@@ -114,6 +119,20 @@ private:
         }
         for (auto& e : errors)
             if (e) std::rethrow_exception(e);
+    }
+
+    // How long a waiting thread spins before it sleeps: about a millisecond-scale kernel's gap.
+    static constexpr std::chrono::microseconds kSpin{100};
+
+    template <class Busy>
+    static void spin_while(Busy busy) {
+        const auto deadline = std::chrono::steady_clock::now() + kSpin;
+        for (int i = 1; busy(); ++i) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+            if (i % 64 == 0 && std::chrono::steady_clock::now() > deadline) return;
+        }
     }
 
     void run_part(int part) {
@@ -134,6 +153,10 @@ private:
     // take an earlier job (whose body may be gone) for a new one.
     void worker_loop(int index, std::uint64_t seen) {
         for (;;) {
+            // Back-to-back jobs (a layer called in a loop, NumPy's BLAS calls through the callback)
+            // then start at once instead of after a futex wake-up (tens of microseconds); after
+            // kSpin the worker sleeps, so an idle process costs no CPU.
+            spin_while([&] { return posted_.load(std::memory_order_acquire) == seen; });
             {
                 std::unique_lock<std::mutex> lock(mutex_);
                 wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
@@ -187,7 +210,8 @@ private:
     Index n_ = 0;
     Index chunk_ = 0;
     int parts_ = 0;
-    int pending_ = 0;
+    std::atomic<int> pending_{0};           // written under mutex_, also read spinning
+    std::atomic<std::uint64_t> posted_{0};  // generation_, for workers spinning without mutex_
     std::vector<std::exception_ptr>* errors_ = nullptr;
 };
 
