@@ -26,6 +26,23 @@ def test_small_batch_kernel_matches_numpy(rng, dtype, n, in_features, out_featur
     np.testing.assert_allclose(layer(x), expected, rtol=tol, atol=tol * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("n", [6, 20, 64])
+@pytest.mark.parametrize("training", [False, True])
+def test_small_batch_pack_of_strided_rows_split_over_threads(rng, dtype, n, training):
+    # x is a column slice (row stride > width) wide enough that both threads pack part of it, with
+    # split points inside the transposed squares. In eval the A and W products share one packed x;
+    # in training the A product packs the layer's cached copy of x.
+    in_features, out_features = 1003, 29
+    weight = rng.standard_normal((out_features, in_features)).astype(dtype)
+    layer = nplora.LoraLinear(weight, r=4, lora_alpha=8, init_lora_weights=False, seed=3)
+    layer.train(training)
+    wide = rng.standard_normal((n, in_features + 9)).astype(dtype)
+    x = wide[:, 5:5 + in_features]
+    expected = x @ weight.T + layer.scaling * (x @ layer.lora_A.T) @ layer.lora_B.T
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(layer.forward(x), expected, rtol=tol, atol=tol * np.abs(expected).max())
+
+
 def worst_error_on_every_isa(script: str) -> dict[str, float]:
     """Runs `script` (which prints "<isa> <worst error>") once per NPLORA_ISA, in fresh processes."""
     seen = {}

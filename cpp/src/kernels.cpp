@@ -58,13 +58,81 @@ const char* kernel_isa() {
     }
 }
 
-// x (n x cols, row stride ld) transposed into packed[k * ldt + b], zero-padded to ldt columns.
-template <class T>
-void pack_transposed(const T* x, Index ld, Index n, Index cols, Index ldt, std::vector<T>& packed) {
-    packed.assign(static_cast<std::size_t>(cols * ldt), T(0));
-    for (Index b = 0; b < n; ++b)
-        for (Index k = 0; k < cols; ++k) packed[static_cast<std::size_t>(k * ldt + b)] = x[b * ld + k];
+#if defined(NPLORA_HAVE_X86_KERNELS)
+namespace {
+
+Index lanes_of(Isa chosen, float) {
+    return chosen == Isa::Avx512 ? kernels::avx512::lanes(float()) : kernels::avx2::lanes(float());
 }
+Index lanes_of(Isa chosen, double) {
+    return chosen == Isa::Avx512 ? kernels::avx512::lanes(double()) : kernels::avx2::lanes(double());
+}
+
+// Whether a batch of n rows takes the outer-product kernel (up to four vectors of rows).
+template <class T>
+bool takes_outer_product(Isa chosen, Index n) {
+    return chosen != Isa::None && n > kOuterProductMinRows && n <= 4 * lanes_of(chosen, T());
+}
+
+// One spare pack buffer per thread: a SmallBatchPack takes it when it is large enough and gives
+// its own back when the slot is empty.
+struct SpareBuffer {
+    void* buffer = nullptr;
+    std::size_t bytes = 0;
+    ~SpareBuffer() { std::free(buffer); }
+};
+thread_local SpareBuffer tls_spare_pack;
+
+}  // namespace
+#endif
+
+template <class T>
+SmallBatchPack<T>::SmallBatchPack(const T* x, Index ld, Index n, Index cols) {
+#if defined(NPLORA_HAVE_X86_KERNELS)
+    const Isa chosen = isa();
+    if (!takes_outer_product<T>(chosen, n) || cols <= 0) return;
+    const Index lanes = lanes_of(chosen, T());
+    ld_ = (n + lanes - 1) / lanes * lanes;
+    const std::size_t wanted = (static_cast<std::size_t>(cols * ld_) * sizeof(T) + 63) / 64 * 64;
+    if (tls_spare_pack.buffer && tls_spare_pack.bytes >= wanted) {
+        buffer_ = tls_spare_pack.buffer;
+        bytes_ = tls_spare_pack.bytes;
+        tls_spare_pack = {};
+    } else {
+        buffer_ = std::aligned_alloc(64, wanted);
+        if (!buffer_) throw std::bad_alloc();
+        bytes_ = wanted;
+    }
+    data_ = static_cast<T*>(buffer_);
+    // ~64 KB of packed x per part: below that a second thread costs more than it saves.
+    const Index grain = std::max<Index>(8, (Index(1) << 16) / (ld_ * static_cast<Index>(sizeof(T))));
+    parallel_for(cols, grain, [&](Index begin, Index end) {
+        if (chosen == Isa::Avx512)
+            kernels::avx512::pack_rows_transposed(x, ld, n, begin, end, ld_, data_);
+        else
+            kernels::avx2::pack_rows_transposed(x, ld, n, begin, end, ld_, data_);
+    });
+#else
+    (void)x, (void)ld, (void)n, (void)cols;
+#endif
+}
+
+template <class T>
+SmallBatchPack<T>::~SmallBatchPack() {
+#if defined(NPLORA_HAVE_X86_KERNELS)
+    if (!buffer_) return;
+    if (!tls_spare_pack.buffer || tls_spare_pack.bytes < bytes_) {
+        std::free(tls_spare_pack.buffer);
+        tls_spare_pack.buffer = buffer_;
+        tls_spare_pack.bytes = bytes_;
+    } else {
+        std::free(buffer_);
+    }
+#endif
+}
+
+template class SmallBatchPack<float>;
+template class SmallBatchPack<double>;
 
 template <class T>
 bool small_batch_linear(const SmallBatchArgs<T>& given) {
@@ -72,18 +140,18 @@ bool small_batch_linear(const SmallBatchArgs<T>& given) {
     const Isa chosen = isa();
     if (chosen == Isa::None) return false;
     if (given.n <= 0 || given.out <= 0) return true;
-    // Batches past a few rows use the outer-product kernel (up to four vectors of rows).
+    // Batches past a few rows use the outer-product kernel, on x packed here unless the caller
+    // packed it already (SmallBatchPack).
     SmallBatchArgs<T> args = given;
-    const Index lanes = chosen == Isa::Avx512 ? kernels::avx512::lanes(T()) : kernels::avx2::lanes(T());
-    std::vector<T> xt, xst;
-    if (args.n > kOuterProductMinRows && args.n <= 4 * lanes && !args.xt) {
-        args.ldt = (args.n + lanes - 1) / lanes * lanes;
-        pack_transposed(args.x, args.ldx, args.n, args.in, args.ldt, xt);
-        args.xt = xt.data();
-        if (args.xs) {
-            pack_transposed(args.xs, args.ldxs, args.n, args.r, args.ldt, xst);
-            args.xst = xst.data();
-        }
+    std::unique_ptr<SmallBatchPack<T>> own_x, own_xs;
+    if (!args.xt && takes_outer_product<T>(chosen, args.n)) {
+        own_x = std::make_unique<SmallBatchPack<T>>(args.x, args.ldx, args.n, args.in);
+        args.xt = own_x->data();
+        args.ldt = own_x->ld();
+    }
+    if (args.xt && args.xs && !args.xst) {
+        own_xs = std::make_unique<SmallBatchPack<T>>(args.xs, args.ldxs, args.n, args.r);
+        args.xst = own_xs->data();
     }
     // Whole blocks of 4 weight rows per thread, so each thread streams its own part of W.
     const Index blocks = (args.out + 3) / 4;

@@ -5,6 +5,7 @@
 #include "nplora/mixed_batch.hpp"
 #include "nplora/parallel.hpp"
 
+#include <memory>
 #include <stdexcept>
 #include <string>
 
@@ -71,14 +72,25 @@ void LoraLinear<T>::forward(MatrixRef<const T> x, MatrixRef<T> y, bool training)
     }
 
     // The rank-r bottleneck dropout(x) A^T (n x r), and s times it for the output.
+    // Small batches pack x once for the kernel that runs both x A^T and x W^T (when the LoRA
+    // branch reads x itself, not a dropout copy).
+    const bool small_batch = n <= kSmallBatchMaxRows;
+    const SmallBatchPack<T> packed_x(x.data, x.row_stride, small_batch ? n : 0, in_);
+    const bool lora_reads_x = lora_input == x.data && lora_input_stride == x.row_stride;
     RowMatrix<T> projection;
     RowMatrix<T> scaled_projection;
     if (use_adapter) {
         projection.resize(n, r);
+        std::unique_ptr<SmallBatchPack<T>> packed_input;
+        const SmallBatchPack<T>* down_pack = &packed_x;
+        if (small_batch && !lora_reads_x) {
+            packed_input = std::make_unique<SmallBatchPack<T>>(lora_input, lora_input_stride, n, in_);
+            down_pack = packed_input.get();
+        }
         SmallBatchArgs<T> down{a_.data(), in_, lora_input, lora_input_stride, nullptr, nullptr, 0,
                                nullptr, 0, 0, projection.data(), r, n, in_, r,
-                               nullptr, nullptr, 0};
-        if (n > kSmallBatchMaxRows || !small_batch_linear(down))
+                               down_pack->data(), nullptr, down_pack->ld()};
+        if (!small_batch || !small_batch_linear(down))
             gemm(Trans::No, Trans::Yes, n, r, in_, T(1), lora_input, lora_input_stride, a_.data(),
                  in_, T(0), projection.data(), r);
         scaled_projection = projection * scaling_;
@@ -86,7 +98,8 @@ void LoraLinear<T>::forward(MatrixRef<const T> x, MatrixRef<T> y, bool training)
 
     // Small batches: one pass over W computes x W^T + bias + (s x A^T) B^T together.
     linear_product<T>(as_const(weight_), fan_in_fan_out_, bias_, x,
-                      use_adapter ? scaled_projection.data() : nullptr, b_.data(), r, y);
+                      use_adapter ? scaled_projection.data() : nullptr, b_.data(), r, y,
+                      fan_in_fan_out_ ? nullptr : &packed_x);
 
     if (training) {
         cached_projection_ = std::move(projection);

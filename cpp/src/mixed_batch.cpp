@@ -11,14 +11,17 @@ namespace nplora {
 
 template <class T>
 void linear_product(MatrixRef<const T> weight, bool fan_in_fan_out, const T* bias,
-                    MatrixRef<const T> x, const T* xs, const T* b, Index r, MatrixRef<T> y) {
+                    MatrixRef<const T> x, const T* xs, const T* b, Index r, MatrixRef<T> y,
+                    const SmallBatchPack<T>* packed_x) {
     const Index n = x.rows;
     const Index in = x.cols;
     const Index out = y.cols;
     if (!fan_in_fan_out && n <= kSmallBatchMaxRows) {
+        const bool packed = packed_x && packed_x->data();
         const SmallBatchArgs<T> args{weight.data, weight.row_stride, x.data, x.row_stride, bias, xs,
                                      r, b, r, r, y.data, y.row_stride, n, in, out,
-                                     nullptr, nullptr, 0};
+                                     packed ? packed_x->data() : nullptr, nullptr,
+                                     packed ? packed_x->ld() : 0};
         if (small_batch_linear(args)) return;
     }
     // Larger batches: one packed product, the LoRA term as a second stretch of k, bias at the store.
@@ -124,7 +127,8 @@ void swap_merged(LoraLinear<T>& from, LoraLinear<T>& to) {
 
 #define NPLORA_INSTANTIATE(T)                                                                       \
     template void linear_product<T>(MatrixRef<const T>, bool, const T*, MatrixRef<const T>,        \
-                                    const T*, const T*, Index, MatrixRef<T>);                       \
+                                    const T*, const T*, Index, MatrixRef<T>,                        \
+                                    const SmallBatchPack<T>*);                                      \
     template void mixed_linear_forward<T>(MatrixRef<const T>, const T*, bool, MatrixRef<const T>,  \
                                           MatrixRef<T>, const std::vector<AdapterRef<T>>&,          \
                                           const std::int64_t*);                                     \

@@ -73,6 +73,10 @@ struct GemmShape {
 /* What each instruction set's kernel file defines, declared once for every ISA namespace. */
 #define NPLORA_KERNEL_ENTRY_POINTS(T)                                                              \
     void small_batch_rows(const SmallBatchArgs<T>& args, std::ptrdiff_t begin, std::ptrdiff_t end); \
+    /* dst[k * ldt + b] = x[b * ld + k] for k in [k_begin, k_end), b < n; zero for n <= b < ldt */ \
+    void pack_rows_transposed(const T* x, std::ptrdiff_t ld, std::ptrdiff_t n,                     \
+                              std::ptrdiff_t k_begin, std::ptrdiff_t k_end, std::ptrdiff_t ldt,    \
+                              T* dst);                                                             \
     int lanes(T); /* vector width in elements */                                                  \
     GemmShape gemm_shape(T);                                                                       \
     void gemm_pack_x(const GemmArgs<T>& a, std::ptrdiff_t panel_begin, std::ptrdiff_t panel_end,    \

@@ -5,6 +5,8 @@
 #include "nplora/kernel_args.h"
 #include "nplora/types.hpp"
 
+#include <cstddef>
+
 namespace nplora {
 
 // Which instruction set the kernels use: "avx512", "avx2" or "none" (NPLORA_ISA may lower it).
@@ -22,5 +24,29 @@ bool packed_gemm(const GemmArgs<T>& args);
 
 // Batches up to this many rows take small_batch_linear; larger ones a BLAS-class product.
 constexpr Index kSmallBatchMaxRows = 64;
+
+// The rows of x (n x cols, row stride ld) laid out for the outer-product kernel: data()[k * ld() + b]
+// = x[b, k], zero-padded to whole vectors (SmallBatchArgs::xt / ldt). Packing once lets several
+// small-batch products over the same rows (a layer's A and its W) share it; it runs on every
+// thread. Empty (data() == nullptr) when n rows take the dot-product kernel or no SIMD kernel runs
+// on this CPU. The buffer goes back to a per-thread spare on destruction, so repeated calls do not
+// pay fresh page faults.
+template <class T>
+class SmallBatchPack {
+public:
+    SmallBatchPack(const T* x, Index ld, Index n, Index cols);
+    ~SmallBatchPack();
+    SmallBatchPack(const SmallBatchPack&) = delete;
+    SmallBatchPack& operator=(const SmallBatchPack&) = delete;
+
+    const T* data() const { return data_; }
+    Index ld() const { return ld_; }
+
+private:
+    void* buffer_ = nullptr;
+    std::size_t bytes_ = 0;
+    T* data_ = nullptr;
+    Index ld_ = 0;
+};
 
 }  // namespace nplora

@@ -2,6 +2,7 @@
 // swapping one merged adapter for another in a single pass over W.
 #pragma once
 
+#include "nplora/kernels.hpp"
 #include "nplora/lora_linear.hpp"
 #include "nplora/types.hpp"
 
@@ -31,9 +32,11 @@ void mixed_linear_forward(MatrixRef<const T> weight, const T* bias, bool fan_in_
 
 // y (n x out) = x W^T + bias + xs B^T: the product every linear forward ends in. A weight-streaming
 // kernel for small batches, a BLAS-class product otherwise. xs (n x r, already scaled) may be null.
+// packed_x, when given, is x already laid out for the small-batch kernel.
 template <class T>
 void linear_product(MatrixRef<const T> weight, bool fan_in_fan_out, const T* bias,
-                    MatrixRef<const T> x, const T* xs, const T* b, Index r, MatrixRef<T> y);
+                    MatrixRef<const T> x, const T* xs, const T* b, Index r, MatrixRef<T> y,
+                    const SmallBatchPack<T>* packed_x = nullptr);
 
 // With `from` merged into the weight both layers share: W += s_to B_to A_to - s_from B_from A_from
 // in one pass, leaving `from` unmerged and `to` merged.
