@@ -250,7 +250,7 @@ def test_gemm_with_alpha_zero_reads_neither_operand(rng, dtype, backend):
         np.testing.assert_array_equal(c, beta * c0)
 
 
-@pytest.mark.parametrize("r", [1, 16, 64, 65, 100])
+@pytest.mark.parametrize("r", [1, 5, 16, 17, 32, 64, 65, 100])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 def test_large_batch_forward_and_backward_with_the_lora_term_fused(rng, dtype, backend, r,
                                                                    fan_in_fan_out):
@@ -283,3 +283,37 @@ def test_large_batch_forward_and_backward_with_the_lora_term_fused(rng, dtype, b
     want_da, want_db = s * gb.T @ kept, s * g64.T @ (kept @ a.T)
     np.testing.assert_allclose(layer.lora_A_grad, want_da, rtol=tol, atol=tol * np.abs(want_da).max())
     np.testing.assert_allclose(layer.lora_B_grad, want_db, rtol=tol, atol=tol * np.abs(want_db).max())
+
+
+BACKWARD_ON_EVERY_ISA = """
+import numpy as np, nplora
+from nplora import _core
+rng = np.random.default_rng(5)
+worst = 0.0
+for r in (3, 8, 16, 24, 40):
+    for dtype in (np.float32, np.float64):
+        n, fan_in, fan_out = 601, 77, 150  # n past the kernel's 512-row stretch, odd tails
+        layer = nplora.LoraLinear(rng.standard_normal((fan_out, fan_in)).astype(dtype), r=r,
+                                  init_lora_weights=False, seed=r)
+        a, b, s = layer.lora_A.astype(np.float64), layer.lora_B.astype(np.float64), layer.scaling
+        x = rng.standard_normal((n, fan_in)).astype(dtype)
+        wide = rng.standard_normal((n, fan_out + 3)).astype(dtype)
+        g = wide[:, 2:2 + fan_out]  # rows of grad_y a stride apart
+        layer(x)
+        layer.backward(g)
+        layer(x)
+        layer.backward(g)  # the gradients accumulate
+        g64, x64 = g.astype(np.float64), x.astype(np.float64)
+        want_da, want_db = 2 * s * (g64 @ b).T @ x64, 2 * s * g64.T @ (x64 @ a.T)
+        tol = 1e-4 if dtype == np.float32 else 1e-11
+        for got, want in ((layer.lora_A_grad, want_da), (layer.lora_B_grad, want_db)):
+            worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()) / tol)
+print(_core.kernel_isa(), worst)
+"""
+
+
+def test_lora_gradients_on_every_instruction_set():
+    # The streaming kernels for G B, G^T P and (G B)^T X on each ISA (r of one and two vectors,
+    # and wider ones that take the packed product), against NumPy, accumulating over two steps.
+    seen = worst_error_on_every_isa(BACKWARD_ON_EVERY_ISA)
+    assert all(err < 1.0 for err in seen.values()), seen

@@ -176,6 +176,103 @@ bool small_batch_linear(const SmallBatchArgs<T>& given) {
 template bool small_batch_linear<float>(const SmallBatchArgs<float>&);
 template bool small_batch_linear<double>(const SmallBatchArgs<double>&);
 
+template <class T>
+bool lora_linear_grads(const T* g, Index ldg, const T* x, Index ldx, const T* b, const T* p, T s,
+                       Index n, Index out, Index in, Index r, T* gp, T* db, T* da) {
+#if defined(NPLORA_HAVE_X86_KERNELS)
+    const Isa chosen = isa();
+    if (chosen == Isa::None) return false;
+    const Index lanes = lanes_of(chosen, T());
+    const Index r_pad = (r + lanes - 1) / lanes * lanes;
+    if (r < 1 || r_pad > 2 * lanes) return false;
+    if (n <= 0 || out <= 0 || in <= 0) {
+        std::fill(gp, gp + std::max<Index>(n, 0) * r, T(0));
+        return true;
+    }
+    const auto grad_b = [chosen](const LoraGradArgs<T>& a, Index k_begin, Index k_end, T* gb) {
+        if (chosen == Isa::Avx512)
+            kernels::avx512::lora_grad_b(a, k_begin, k_end, gb);
+        else
+            kernels::avx2::lora_grad_b(a, k_begin, k_end, gb);
+    };
+    const auto grad_a = [chosen](const LoraGradArgs<T>& a, Index k_begin, Index k_end) {
+        if (chosen == Isa::Avx512)
+            kernels::avx512::lora_grad_a(a, k_begin, k_end);
+        else
+            kernels::avx2::lora_grad_a(a, k_begin, k_end);
+    };
+    const auto padded = [](const T* src, Index rows, Index cols, Index ld, T scale) {
+        std::vector<T> dst(static_cast<std::size_t>(rows * ld), T(0));
+        for (Index i = 0; i < rows; ++i)
+            for (Index j = 0; j < cols; ++j) dst[static_cast<std::size_t>(i * ld + j)] = scale * src[i * cols + j];
+        return dst;
+    };
+    // The kernels want whole vectors per row: B and dB are copied only when r is not.
+    const bool exact = r == r_pad;
+    std::vector<T> b_copy, db_copy;
+    if (!exact) {
+        b_copy = padded(b, out, r, r_pad, T(1));
+        db_copy = padded(db, out, r, r_pad, T(1));
+    }
+    const std::vector<T> sp = padded(p, n, r, r_pad, s);
+    LoraGradArgs<T> args{};
+    args.g = g;
+    args.ldg = ldg;
+    args.b = exact ? b : b_copy.data();
+    args.sp = sp.data();
+    args.db = exact ? db : db_copy.data();
+    args.x = x;
+    args.ldx = ldx;
+    args.n = n;
+    args.r = r;
+    args.r_pad = r_pad;
+    args.in = in;
+
+    // G B and G^T (s P): out split between the threads, each with its own part of G B to sum.
+    const int parts = static_cast<int>(std::max<Index>(1, std::min<Index>(get_num_threads(), out / 64)));
+    std::vector<T> partial(static_cast<std::size_t>(parts * n * r_pad), T(0));
+    parallel_for(parts, 1, [&](Index begin, Index end) {
+        for (Index t = begin; t < end; ++t)
+            grad_b(args, out * t / parts, out * (t + 1) / parts, partial.data() + t * n * r_pad);
+    });
+    for (Index i = 0; i < n; ++i)
+        for (Index j = 0; j < r; ++j) {
+            T sum = T(0);
+            for (int t = 0; t < parts; ++t) sum += partial[static_cast<std::size_t>((t * n + i) * r_pad + j)];
+            gp[i * r + j] = s * sum;
+        }
+    if (!exact)
+        for (Index k = 0; k < out; ++k)
+            for (Index j = 0; j < r; ++j) db[k * r + j] = db_copy[static_cast<std::size_t>(k * r_pad + j)];
+
+    // (s G B)^T X: in split between the threads in whole blocks of the kernel's width.
+    const Index block_rows = chosen == Isa::Avx512 ? kernels::avx512::grad_a_rows(T()) : kernels::avx2::grad_a_rows(T());
+    args.ldgbs = (r + block_rows - 1) / block_rows * block_rows;
+    const std::vector<T> gbs = padded(gp, n, r, args.ldgbs, T(1));
+    args.gbs = gbs.data();
+    args.da = da;
+    const Index width = 2 * lanes;
+    const Index blocks = (in + width - 1) / width;
+    // ~2 MFLOP per part at least: less does not pay for waking a thread.
+    const Index grain = std::max<Index>(1, Index(1 << 20) / std::max<Index>(1, n * args.ldgbs * width));
+    parallel_for(blocks, grain, [&](Index begin, Index end) {
+        grad_a(args, begin * width, std::min(end * width, in));
+    });
+    return true;
+#else
+    (void)g, (void)ldg, (void)x, (void)ldx, (void)b, (void)p, (void)s, (void)n, (void)out, (void)in;
+    (void)r, (void)gp, (void)db, (void)da;
+    return false;
+#endif
+}
+
+template bool lora_linear_grads<float>(const float*, Index, const float*, Index, const float*,
+                                       const float*, float, Index, Index, Index, Index, float*,
+                                       float*, float*);
+template bool lora_linear_grads<double>(const double*, Index, const double*, Index, const double*,
+                                        const double*, double, Index, Index, Index, Index, double*,
+                                        double*, double*);
+
 #if defined(NPLORA_HAVE_X86_KERNELS)
 namespace {
 

@@ -121,15 +121,19 @@ void LoraLinear<T>::backward(MatrixRef<const T> grad_y, MatrixRef<T> grad_x) {
     if (grad_x.data) check_shape("grad_x", grad_x.rows, grad_x.cols, n, in_);
     const Index r = options_.r;
 
-    // grad of the bottleneck: G B (n x r), scaled by s
+    // The grad of the bottleneck s G B (n x r); dB += s G^T (x A^T); dA += (s G B)^T dropout(x).
+    // Thin products that read G and x once each on the SIMD kernels, else three BLAS calls.
     RowMatrix<T> grad_projection(n, r);
-    gemm(Trans::No, Trans::No, n, r, out_, scaling_, grad_y.data, grad_y.row_stride, b_.data(), r,
-         T(0), grad_projection.data(), r);
-    // dB += s G^T (x A^T);  dA += (s G B)^T dropout(x)
-    gemm(Trans::Yes, Trans::No, out_, r, n, scaling_, grad_y.data, grad_y.row_stride,
-         cached_projection_.data(), r, T(1), b_grad_.data(), r);
-    gemm(Trans::Yes, Trans::No, r, in_, n, T(1), grad_projection.data(), r, cached_input_.data(),
-         in_, T(1), a_grad_.data(), in_);
+    if (!lora_linear_grads(grad_y.data, grad_y.row_stride, cached_input_.data(), in_, b_.data(),
+                           cached_projection_.data(), scaling_, n, out_, in_, r,
+                           grad_projection.data(), b_grad_.data(), a_grad_.data())) {
+        gemm(Trans::No, Trans::No, n, r, out_, scaling_, grad_y.data, grad_y.row_stride, b_.data(),
+             r, T(0), grad_projection.data(), r);
+        gemm(Trans::Yes, Trans::No, out_, r, n, scaling_, grad_y.data, grad_y.row_stride,
+             cached_projection_.data(), r, T(1), b_grad_.data(), r);
+        gemm(Trans::Yes, Trans::No, r, in_, n, T(1), grad_projection.data(), r,
+             cached_input_.data(), in_, T(1), a_grad_.data(), in_);
+    }
     if (!grad_x.data) return;
 
     // dX = G W + (s G B) A: one product, the LoRA term as a second stretch of k. With dropout the

@@ -61,6 +61,31 @@ struct GemmArgs {
     std::ptrdiff_t n;
 };
 
+/* The LoRA backward's thin products, which stream G [n, out] or X [n, in] once (r small). With
+   r_pad = r rounded up to whole vectors and every [*, r_pad] matrix contiguous and zero-padded:
+   lora_grad_b, for k in [k_begin, k_end):  gb[i, :] += G[i, k] b[k, :] for every row i < n, and
+                                            db[k, :] += sum_i G[i, k] sp[i, :];
+   lora_grad_a, for k in [k_begin, k_end):  da[j, k] += sum_i gbs[i, j] X[i, k] for j < r, where
+                                            gbs is [n, ldgbs] (ldgbs a multiple of grad_a_rows,
+                                            zero beyond r) and da is [r, in] contiguous. */
+template <class T>
+struct LoraGradArgs {
+    const T* g;          /* [n, out], row stride ldg */
+    std::ptrdiff_t ldg;
+    const T* b;          /* [out, r_pad] */
+    const T* sp;         /* [n, r_pad]: s x A^T */
+    T* db;               /* [out, r_pad] */
+    const T* x;          /* [n, in], row stride ldx */
+    std::ptrdiff_t ldx;
+    const T* gbs;        /* [n, ldgbs]: s G B */
+    std::ptrdiff_t ldgbs;
+    T* da;               /* [r, in] */
+    std::ptrdiff_t n;
+    std::ptrdiff_t r;
+    std::ptrdiff_t r_pad;
+    std::ptrdiff_t in;
+};
+
 /* The packed GEMM's blocking: tiles of `rows` x `cols` of C, k blocks of `depth`, W blocks of
    `block_cols` columns. X is packed as ceil(m / rows) panels of rows x (k + k2). */
 struct GemmShape {
@@ -77,6 +102,10 @@ struct GemmShape {
     void pack_rows_transposed(const T* x, std::ptrdiff_t ld, std::ptrdiff_t n,                     \
                               std::ptrdiff_t k_begin, std::ptrdiff_t k_end, std::ptrdiff_t ldt,    \
                               T* dst);                                                             \
+    /* LoraGradArgs; r_pad one or two vectors. gb is [n, r_pad]. */                                \
+    void lora_grad_b(const LoraGradArgs<T>& a, std::ptrdiff_t k_begin, std::ptrdiff_t k_end, T* gb); \
+    void lora_grad_a(const LoraGradArgs<T>& a, std::ptrdiff_t k_begin, std::ptrdiff_t k_end);       \
+    int grad_a_rows(T); /* the j block lora_grad_a works in (ldgbs is a multiple of it) */        \
     int lanes(T); /* vector width in elements */                                                  \
     GemmShape gemm_shape(T);                                                                       \
     void gemm_pack_x(const GemmArgs<T>& a, std::ptrdiff_t panel_begin, std::ptrdiff_t panel_end,    \

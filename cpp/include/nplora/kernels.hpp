@@ -22,6 +22,15 @@ bool small_batch_linear(const SmallBatchArgs<T>& args);
 template <class T>
 bool packed_gemm(const GemmArgs<T>& args);
 
+// The LoRA backward's thin products on kernels that read G (n x out, row stride ldg) and X (n x in,
+// row stride ldx) once each, with B [out, r], P = x A^T [n, r], gp [n, r], db [out, r], da [r, in]
+// contiguous:  gp = s G B;  db += s G^T P;  da += gp^T X.
+// Returns false (doing nothing) when no SIMD kernel runs here or r is wider than 2 vectors (where
+// the packed GEMM's three products were measured faster).
+template <class T>
+bool lora_linear_grads(const T* g, Index ldg, const T* x, Index ldx, const T* b, const T* p, T s,
+                       Index n, Index out, Index in, Index r, T* gp, T* db, T* da);
+
 // Batches up to this many rows take small_batch_linear; larger ones a BLAS-class product.
 constexpr Index kSmallBatchMaxRows = 64;
 
