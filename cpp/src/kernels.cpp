@@ -177,6 +177,86 @@ template bool small_batch_linear<float>(const SmallBatchArgs<float>&);
 template bool small_batch_linear<double>(const SmallBatchArgs<double>&);
 
 template <class T>
+bool mixed_small_batch_linear(const SmallBatchArgs<T>& base, const T* const* a, const T* const* b,
+                              const Index* r, const T* scaling, Index adapters,
+                              const Index* adapter_of_row) {
+#if defined(NPLORA_HAVE_X86_KERNELS)
+    const Isa chosen = isa();
+    const Index n = base.n;
+    if (!takes_outer_product<T>(chosen, n) || base.xs || base.out <= 0 || base.in <= 0) return false;
+    const SmallBatchPack<T> packed(base.x, base.ldx, n, base.in);
+    MixedBatchArgs<T> args{};
+    args.base = base;
+    args.base.xt = packed.data();
+    args.base.ldt = packed.ld();
+
+    // Rows by adapter (each adapter's A is read once for all its rows), then one task per row of
+    // A of every adapter in use.
+    std::vector<Index> row_begin(static_cast<std::size_t>(adapters + 1), 0), row_list;
+    for (Index i = 0; i < n; ++i)
+        if (adapter_of_row[i] >= 0) ++row_begin[static_cast<std::size_t>(adapter_of_row[i] + 1)];
+    for (Index u = 0; u < adapters; ++u) row_begin[static_cast<std::size_t>(u + 1)] += row_begin[static_cast<std::size_t>(u)];
+    row_list.resize(static_cast<std::size_t>(row_begin.back()));
+    std::vector<Index> fill(row_begin.begin(), row_begin.end() - 1);
+    for (Index i = 0; i < n; ++i)
+        if (adapter_of_row[i] >= 0) row_list[static_cast<std::size_t>(fill[static_cast<std::size_t>(adapter_of_row[i])]++)] = i;
+    std::vector<Index> task_adapter, task_row;
+    Index ldsp = 1;
+    for (Index u = 0; u < adapters; ++u) {
+        if (row_begin[static_cast<std::size_t>(u)] == row_begin[static_cast<std::size_t>(u + 1)]) continue;
+        ldsp = std::max(ldsp, r[u]);
+        for (Index j = 0; j < r[u]; ++j) {
+            task_adapter.push_back(u);
+            task_row.push_back(j);
+        }
+    }
+    std::vector<T> sp(static_cast<std::size_t>(n * ldsp), T(0));
+    Index claimed = 0, finished = 0;
+    args.a = a;
+    args.b = b;
+    args.r = r;
+    args.scaling = scaling;
+    args.adapter_of_row = adapter_of_row;
+    args.task_adapter = task_adapter.data();
+    args.task_row = task_row.data();
+    args.row_begin = row_begin.data();
+    args.row_list = row_list.data();
+    args.tasks = static_cast<Index>(task_adapter.size());
+    // x A^T done within about the first third of each thread's tiles (of ~6 rows of W each).
+    const Index tiles = std::max<Index>(1, base.out / 6);
+    args.tasks_per_tile = std::max<Index>(1, (3 * args.tasks * get_num_threads() + tiles - 1) / tiles);
+    args.sp = sp.data();
+    args.ldsp = ldsp;
+    args.claimed = &claimed;
+    args.finished = &finished;
+
+    // As small_batch_linear: whole blocks of 4 weight rows, at least ~1 MB of W per thread.
+    const Index blocks = (base.out + 3) / 4;
+    const Index block_bytes = 4 * base.in * static_cast<Index>(sizeof(T));
+    const Index grain = std::max<Index>(16, (Index(1) << 20) / block_bytes);
+    parallel_for(blocks, grain, [&](Index begin, Index end) {
+        const Index first = begin * 4;
+        const Index last = std::min(end * 4, base.out);
+        if (chosen == Isa::Avx512)
+            kernels::avx512::mixed_batch_rows(args, first, last);
+        else
+            kernels::avx2::mixed_batch_rows(args, first, last);
+    });
+    return true;
+#else
+    (void)base, (void)a, (void)b, (void)r, (void)scaling, (void)adapters, (void)adapter_of_row;
+    return false;
+#endif
+}
+
+template bool mixed_small_batch_linear<float>(const SmallBatchArgs<float>&, const float* const*,
+                                              const float* const*, const Index*, const float*,
+                                              Index, const Index*);
+template bool mixed_small_batch_linear<double>(const SmallBatchArgs<double>&, const double* const*,
+                                               const double* const*, const Index*, const double*,
+                                               Index, const Index*);
+
+template <class T>
 bool lora_linear_grads(const T* g, Index ldg, const T* x, Index ldx, const T* b, const T* p, T s,
                        Index n, Index out, Index in, Index r, T* gp, T* db, T* da) {
 #if defined(NPLORA_HAVE_X86_KERNELS)

@@ -2,3 +2,4 @@
 #define NPLORA_KERNEL_ISA avx512
 #define NPLORA_KERNEL_AVX512 1
 #include "kernels_impl.inc"
+#include "kernels_mixed.inc"

@@ -68,6 +68,26 @@ void mixed_linear_forward(MatrixRef<const T> weight, const T* bias, bool fan_in_
                                     std::to_string(count) + " adapters (-1 is the base model)");
         if (k >= 0) rows_of[static_cast<std::size_t>(k)].push_back(i);
     }
+    // Small batches: the adapters' work runs inside the base product's pass over W.
+    if (!fan_in_fan_out && n <= kSmallBatchMaxRows) {
+        std::vector<const T*> a(adapters.size()), b(adapters.size());
+        std::vector<Index> r(adapters.size());
+        std::vector<T> scaling(adapters.size());
+        for (std::size_t k = 0; k < adapters.size(); ++k) {
+            a[k] = adapters[k].a;
+            b[k] = adapters[k].b;
+            r[k] = adapters[k].r;
+            scaling[k] = adapters[k].scaling;
+        }
+        std::vector<Index> adapter_index(static_cast<std::size_t>(n));
+        for (Index i = 0; i < n; ++i) adapter_index[static_cast<std::size_t>(i)] = static_cast<Index>(adapter_of_row[i]);
+        const SmallBatchArgs<T> base{weight.data, weight.row_stride, x.data, x.row_stride, bias, nullptr,
+                                     0, nullptr, 0, 0, y.data, y.row_stride, n, in, out,
+                                     nullptr, nullptr, 0};
+        if (mixed_small_batch_linear<T>(base, a.data(), b.data(), r.data(), scaling.data(),
+                                        count, adapter_index.data()))
+            return;
+    }
     linear_product<T>(weight, fan_in_fan_out, bias, x, nullptr, nullptr, 0, y);
 
     // One task per adapter with rows: gather them, run them through A then B, add them back.

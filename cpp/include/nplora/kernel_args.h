@@ -86,6 +86,34 @@ struct LoraGradArgs {
     std::ptrdiff_t in;
 };
 
+/* A mixed batch (row i runs adapter adapter_of_row[i], or the base alone for -1) on the
+   outer-product kernel: base is the small-batch product for every row (xt packed, no LoRA term);
+   the adapters' work runs between its tiles, so reading A and B overlaps the base's FMAs.
+   Adapter u has A [r[u], in] and B [out, r[u]], both contiguous, and scaling[u].
+   Task t computes sp[i, j] = scaling[u] x_i . A_u[j, :] for j = task_row[t] and every row i of
+   u = task_adapter[t] (rows_of_adapter: row_list[row_begin[u] .. row_begin[u + 1])), and every
+   output o then gets y[i, o] += B_u[o, :] . sp[i, :]. Tasks are claimed through *claimed and
+   counted done through *finished (GCC atomic builtins: both start at 0). */
+template <class T>
+struct MixedBatchArgs {
+    SmallBatchArgs<T> base;
+    const T* const* a;
+    const T* const* b;
+    const std::ptrdiff_t* r;
+    const T* scaling;
+    const std::ptrdiff_t* adapter_of_row;  /* [n] */
+    const std::ptrdiff_t* task_adapter;    /* [tasks] */
+    const std::ptrdiff_t* task_row;        /* [tasks] */
+    const std::ptrdiff_t* row_begin;       /* [adapters + 1] */
+    const std::ptrdiff_t* row_list;
+    std::ptrdiff_t tasks;
+    std::ptrdiff_t tasks_per_tile;         /* claimed after each tile until none are left */
+    T* sp;                                 /* [n, ldsp] */
+    std::ptrdiff_t ldsp;
+    std::ptrdiff_t* claimed;
+    std::ptrdiff_t* finished;
+};
+
 /* The packed GEMM's blocking: tiles of `rows` x `cols` of C, k blocks of `depth`, W blocks of
    `block_cols` columns. X is packed as ceil(m / rows) panels of rows x (k + k2). */
 struct GemmShape {
@@ -106,6 +134,8 @@ struct GemmShape {
     void lora_grad_b(const LoraGradArgs<T>& a, std::ptrdiff_t k_begin, std::ptrdiff_t k_end, T* gb); \
     void lora_grad_a(const LoraGradArgs<T>& a, std::ptrdiff_t k_begin, std::ptrdiff_t k_end);       \
     int grad_a_rows(T); /* the j block lora_grad_a works in (ldgbs is a multiple of it) */        \
+    /* Output rows [begin, end) of a mixed batch; every call together covers all of them. */       \
+    void mixed_batch_rows(const MixedBatchArgs<T>& a, std::ptrdiff_t begin, std::ptrdiff_t end);    \
     int lanes(T); /* vector width in elements */                                                  \
     GemmShape gemm_shape(T);                                                                       \
     void gemm_pack_x(const GemmArgs<T>& a, std::ptrdiff_t panel_begin, std::ptrdiff_t panel_end,    \

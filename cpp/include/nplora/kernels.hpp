@@ -22,6 +22,15 @@ bool small_batch_linear(const SmallBatchArgs<T>& args);
 template <class T>
 bool packed_gemm(const GemmArgs<T>& args);
 
+// A mixed batch of n rows (small_batch_linear's base args without a LoRA term), row i running
+// adapter adapter_of_row[i] of `adapters` (A [r, in], B [out, r] contiguous, scaling), or the base
+// alone for -1: the adapters' reads overlap the base product's FMAs (see kernels_mixed.inc).
+// Returns false (doing nothing) where the outer-product kernel does not take n rows.
+template <class T>
+bool mixed_small_batch_linear(const SmallBatchArgs<T>& base, const T* const* a, const T* const* b,
+                              const Index* r, const T* scaling, Index adapters,
+                              const Index* adapter_of_row);
+
 // The LoRA backward's thin products on kernels that read G (n x out, row stride ldg) and X (n x in,
 // row stride ldx) once each, with B [out, r], P = x A^T [n, r], gp [n, r], db [out, r], da [r, in]
 // contiguous:  gp = s G B;  db += s G^T P;  da += gp^T X.
