@@ -2,4 +2,3 @@
 #define NPLORA_KERNEL_ISA avx2
 #define NPLORA_KERNEL_AVX512 0
 #include "kernels_impl.inc"
-#include "kernels_mixed.inc"

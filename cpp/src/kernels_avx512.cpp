@@ -2,4 +2,3 @@
 #define NPLORA_KERNEL_ISA avx512
 #define NPLORA_KERNEL_AVX512 1
 #include "kernels_impl.inc"
-#include "kernels_mixed.inc"
