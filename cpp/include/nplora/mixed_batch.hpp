@@ -23,7 +23,8 @@ struct AdapterRef {
 // y = x W^T + bias (the base, computed once for all rows; W [out, in], or [in, out] with
 // fan_in_fan_out), then for every row i with adapter_of_row[i] = k >= 0:
 // y[i] += s_k (x[i] A_k^T) B_k^T. Rows are grouped by adapter (SGMV), so each adapter's A and B
-// are read once per call. Throws std::out_of_range for an index outside [-1, adapters.size()).
+// are read once per call; up to 64 rows, that work runs inside the base product's pass over W
+// (mixed_small_batch_linear). Throws std::out_of_range for an index outside [-1, adapters.size()).
 template <class T>
 void mixed_linear_forward(MatrixRef<const T> weight, const T* bias, bool fan_in_fan_out,
                           MatrixRef<const T> x, MatrixRef<T> y,
