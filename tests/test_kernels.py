@@ -250,11 +250,12 @@ def test_gemm_with_alpha_zero_reads_neither_operand(rng, dtype, backend):
         np.testing.assert_array_equal(c, beta * c0)
 
 
-@pytest.mark.parametrize("r", [1, 5, 16, 17, 32, 64, 65, 100])
+@pytest.mark.parametrize("r", [1, 5, 16, 17, 32, 64, 65, 100, 600])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 def test_large_batch_forward_and_backward_with_the_lora_term_fused(rng, dtype, backend, r,
                                                                    fan_in_fan_out):
-    # Batch 129 takes the packed product; in=1100 spans three k blocks, out=300 two W blocks.
+    # Batch 129 takes the packed product; in=1100 spans three k blocks, out=300 two W blocks. The
+    # LoRA term rides along with the last k block up to r=512 (float; 256 double), its own beyond.
     n, fan_in, fan_out = 129, 1100, 300
     weight = rng.standard_normal((fan_in, fan_out) if fan_in_fan_out else (fan_out, fan_in)).astype(dtype)
     bias = rng.standard_normal(fan_out).astype(dtype)

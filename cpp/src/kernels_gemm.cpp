@@ -217,7 +217,7 @@ bool packed_gemm(const GemmArgs<T>& a) {
     // Split C by columns (each thread streams its own part of W) when there are enough of them,
     // else by rows. A part gets at least ~4 MFLOP: less does not pay for waking a thread.
     const auto compute = [&](Index row_b, Index row_e, Index col_b, Index col_e) {
-        T* w_block = tls_w_block.get<T>(static_cast<std::size_t>(shape.depth * shape.block_cols));
+        T* w_block = tls_w_block.get<T>(static_cast<std::size_t>(2 * shape.depth * shape.block_cols));
         if (chosen == Isa::Avx512)
             kernels::avx512::gemm_compute(a, packed, row_b, row_e, col_b, col_e, w_block);
         else

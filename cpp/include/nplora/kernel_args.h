@@ -141,7 +141,7 @@ struct GemmShape {
     void gemm_pack_x(const GemmArgs<T>& a, std::ptrdiff_t panel_begin, std::ptrdiff_t panel_end,    \
                      T* packed);                                                                   \
     /* C's rows [row_panel_begin, row_panel_end) * rows by columns [col_begin, col_end); w_block     \
-       holds depth * block_cols elements of scratch. */                                            \
+       holds 2 * depth * block_cols elements of scratch. */                                        \
     void gemm_compute(const GemmArgs<T>& a, const T* packed_x, std::ptrdiff_t row_panel_begin,      \
                       std::ptrdiff_t row_panel_end, std::ptrdiff_t col_begin, std::ptrdiff_t col_end, \
                       T* w_block);
