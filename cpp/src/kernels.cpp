@@ -89,6 +89,17 @@ bool takes_outer_product(Isa chosen, Index n) {
     return chosen != Isa::None && n > kOuterProductMinRows && n <= 4 * lanes_of(chosen, T());
 }
 
+// fn(first, last) for the rows of W [0, out) in whole blocks of 4 per thread, so each thread streams
+// its own part of W, and at least ~1 MB of it per thread: below that, waking a thread costs more
+// than it saves.
+template <class T, class Fn>
+void over_weight_rows(Index out, Index in, const Fn& fn) {
+    const Index blocks = (out + 3) / 4;
+    const Index block_bytes = 4 * in * static_cast<Index>(sizeof(T));
+    const Index grain = block_bytes > 0 ? std::max<Index>(16, (Index(1) << 20) / block_bytes) : 16;
+    parallel_for(blocks, grain, [&](Index begin, Index end) { fn(begin * 4, std::min(end * 4, out)); });
+}
+
 // One spare pack buffer per thread: a SmallBatchPack takes it when it is large enough and gives
 // its own back when the slot is empty.
 struct SpareBuffer {
@@ -168,14 +179,7 @@ bool small_batch_linear(const SmallBatchArgs<T>& given) {
         own_xs = std::make_unique<SmallBatchPack<T>>(args.xs, args.ldxs, args.n, args.r);
         args.xst = own_xs->data();
     }
-    // Whole blocks of 4 weight rows per thread, so each thread streams its own part of W.
-    const Index blocks = (args.out + 3) / 4;
-    // Each thread gets at least ~1 MB of W: below that, waking a thread costs more than it saves.
-    const Index block_bytes = 4 * args.in * static_cast<Index>(sizeof(T));
-    const Index grain = block_bytes > 0 ? std::max<Index>(16, (Index(1) << 20) / block_bytes) : 16;
-    parallel_for(blocks, grain, [&](Index begin, Index end) {
-        const Index first = begin * 4;
-        const Index last = end * 4 < args.out ? end * 4 : args.out;
+    over_weight_rows<T>(args.out, args.in, [&](Index first, Index last) {
         if (chosen == Isa::Avx512)
             kernels::avx512::small_batch_rows(args, first, last);
         else
@@ -245,13 +249,7 @@ bool mixed_small_batch_linear(const SmallBatchArgs<T>& base, const T* const* a, 
     args.claimed = &claimed;
     args.finished = &finished;
 
-    // As small_batch_linear: whole blocks of 4 weight rows, at least ~1 MB of W per thread.
-    const Index blocks = (base.out + 3) / 4;
-    const Index block_bytes = 4 * base.in * static_cast<Index>(sizeof(T));
-    const Index grain = std::max<Index>(16, (Index(1) << 20) / block_bytes);
-    parallel_for(blocks, grain, [&](Index begin, Index end) {
-        const Index first = begin * 4;
-        const Index last = std::min(end * 4, base.out);
+    over_weight_rows<T>(base.out, base.in, [&](Index first, Index last) {
         if (chosen == Isa::Avx512)
             kernels::avx512::mixed_batch_rows(args, first, last);
         else
