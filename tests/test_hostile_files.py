@@ -37,7 +37,7 @@ from nplora.adapters import (
     read_adapter,
 )
 from nplora.config import CONFIG_NAME
-from nplora.safetensors_io import save_weights
+from nplora.safetensors_write import save_weights
 
 WEIGHTS = "adapter_model.safetensors"
 P = "base_model.model."

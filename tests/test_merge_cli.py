@@ -19,7 +19,8 @@ from nplora import merge_cli
 from nplora.adapters import AdapterError, AdapterModule, write_adapter
 from nplora.cli import main
 from nplora.config import LoraConfig
-from nplora.safetensors_io import INDEX_NAME, SafetensorsWriter, open_weights, save_weights
+from nplora.safetensors_io import INDEX_NAME, open_weights
+from nplora.safetensors_write import SafetensorsWriter, save_weights
 
 HIDDEN, VOCAB, LAYERS = 16, 40, 3
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float64": np.float64}
@@ -265,7 +266,7 @@ def test_failure_part_way_leaves_no_output(tmp_path: Path, monkeypatch: pytest.M
 KILL_SCRIPT = r"""
 import os, signal, sys
 from nplora import merge_cli
-from nplora.safetensors_io import SafetensorsWriter
+from nplora.safetensors_write import SafetensorsWriter
 
 write_rows, calls = SafetensorsWriter.write_rows, [0]
 

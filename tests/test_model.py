@@ -49,8 +49,12 @@ def test_target_matching_follows_peft(rng):
     assert len(everything.targets) == 12  # 1-D layernorm weights are not modules
     with pytest.raises(ValueError, match="matched none"):
         LoraModel(weights, LoraConfig(target_modules=["nope"]))
-    with pytest.warns(nplora.LoraWarning, match="'nope' matched no module"):
-        LoraModel(weights, LoraConfig(target_modules=["q_proj", "nope"]))
+    with pytest.warns(nplora.LoraWarning, match="'nope' matched no module") as caught:
+        model = LoraModel(weights, LoraConfig(target_modules=["q_proj", "nope"]))
+    with pytest.warns(nplora.LoraWarning, match="'nada' matched no module") as caught_too:
+        model.add_adapter("second", LoraConfig(target_modules=["q_proj", "nada"]))
+    # Both point at the line that asked, not into nplora.
+    assert [w.filename for w in [*caught, *caught_too]] == [__file__, __file__]
 
 
 def test_rank_and_alpha_patterns(rng):

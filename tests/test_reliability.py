@@ -31,7 +31,8 @@ import pytest
 import nplora
 import test_merge_cli as merge_tests
 from nplora import merge_cli
-from nplora.safetensors_io import INDEX_NAME, open_weights, save_weights
+from nplora.safetensors_io import INDEX_NAME, open_weights
+from nplora.safetensors_write import save_weights
 
 PATHS = [f"model.layers.{i}.self_attn.q_proj" for i in range(4)]
 

@@ -1,4 +1,4 @@
-"""Tests of nplora.safetensors_io: lazy memory-mapped reading, validation, streaming atomic writing."""
+"""Tests of nplora.safetensors_io and safetensors_write: lazy memory-mapped reading, validation, streaming atomic writing."""
 
 from __future__ import annotations
 
@@ -18,11 +18,10 @@ from nplora import safetensors_io
 from nplora.safetensors_io import (
     INDEX_NAME,
     SafetensorsError,
-    SafetensorsWriter,
     open_weights,
     read_header,
-    save_weights,
 )
+from nplora.safetensors_write import SafetensorsWriter, save_weights
 
 CODES = sorted(safetensors_io._DTYPES)
 

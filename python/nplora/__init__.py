@@ -22,7 +22,8 @@ from .embedding import LoraEmbedding
 from .linear import LoraLinear, swap_adapters
 from .model import LoraModel, load_adapter
 from .optim import SGD, AdamW, Optimizer
-from .safetensors_io import open_weights, save_weights
+from .safetensors_io import open_weights
+from .safetensors_write import save_weights
 from .runtime import blas_info, get_num_threads, set_num_threads, share_threads_with_numpy, use_blas
 
 __all__ = [

@@ -30,7 +30,8 @@ from .adapters import (
     read_adapter,
 )
 from .config import LoraConfig
-from .safetensors_io import INDEX_NAME, SINGLE_NAME, LazyWeights, SafetensorsWriter, open_weights
+from .safetensors_io import INDEX_NAME, SINGLE_NAME, LazyWeights, open_weights
+from .safetensors_write import SafetensorsWriter
 
 OUTPUT_DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 BLOCK_BYTES = 32 << 20  # rows merged/copied per step: about this many bytes of the compute dtype

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
-import warnings
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
@@ -13,7 +11,6 @@ from typing import Any, Union
 import numpy as np
 
 from ._guard import reading_all, writing_all
-from ._layer import LoraWarning
 from .adapters import (
     DEFAULT_ADAPTER,
     AdapterMismatchError,
@@ -26,65 +23,9 @@ from .adapters import (
 from .config import CONFIG_NAME, LoraConfig
 from .embedding import LoraEmbedding
 from .linear import LoraLinear, swap_adapters
+from .targets import EMBEDDING_NAMES, check_adapter_modules, match_targets
 
 Layer = Union[LoraLinear, LoraEmbedding]
-
-# A module whose last name component is one of these is an embedding table (E[ids]), not a linear
-# layer; pass ``embedding_modules=`` to say otherwise. lm_head is a linear layer, as in PEFT.
-EMBEDDING_NAMES = frozenset({
-    "embed_tokens", "embed_positions", "embed_in", "wte", "wpe", "word_embeddings",
-    "position_embeddings", "token_type_embeddings", "tok_embeddings", "shared", "embeddings",
-})
-BASE_ONLY = -1  # an adapter_ids value meaning "the base model alone"
-
-
-def _layer_index(config: LoraConfig, name: str) -> int | None:
-    """The layer number PEFT reads from a module name for layers_to_transform."""
-    patterns = config.layers_pattern
-    if not patterns:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-    else:
-        match = None
-        for pattern in [patterns] if isinstance(patterns, str) else patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
-            if match:
-                break
-    return int(match.group("idx")) if match else None
-
-
-def is_target(config: LoraConfig, name: str, is_embedding: bool = False) -> bool:
-    """PEFT's rule (``check_target_module_exists``) for whether module `name` gets an adapter.
-
-    A list of target_modules matches a name equal to an entry or ending in ``"." + entry``; a string
-    is a regex that must match the whole name; ``"all-linear"`` takes every linear module but
-    lm_head. exclude_modules wins; layers_to_transform/layers_pattern filter suffix matches.
-    """
-    exclude = config.exclude_modules
-    if exclude is not None:
-        if isinstance(exclude, str):
-            if re.fullmatch(exclude, name):
-                return False
-        elif name in exclude or any(name.endswith("." + e) for e in exclude):
-            return False
-    targets = config.target_modules
-    if targets is None:
-        raise ValueError("target_modules must be set: nplora has no per-architecture defaults")
-    if isinstance(targets, str):
-        if targets.lower() == "all-linear":
-            return not is_embedding and name.rsplit(".", 1)[-1] != "lm_head"
-        return re.fullmatch(targets, name) is not None
-    if name in targets:
-        return True
-    if not any(name.endswith("." + t) for t in targets):
-        return False
-    wanted = config.layers_to_transform
-    if wanted is None or (isinstance(wanted, list) and not wanted):
-        return True
-    index = _layer_index(config, name)
-    if index is None:
-        return False
-    return index == wanted if isinstance(wanted, int) else index in wanted
-
 
 def _all_or_nothing(cores: Sequence[Any], action: str, undo: str) -> None:
     """Call ``core.<action>()`` on each core; if one raises, ``<undo>`` those done, then re-raise."""
@@ -175,24 +116,7 @@ class LoraModel:
         return path.rsplit(".", 1)[-1] in EMBEDDING_NAMES
 
     def _matched_paths(self, config: LoraConfig) -> list[str]:
-        paths = self._module_paths()
-        matched = [p for p in paths if is_target(config, p, self._is_embedding(p))]
-        if not matched:
-            raise ValueError(
-                f"target_modules={config.target_modules!r} matched none of the "
-                f"{len(paths)} modules (e.g. {paths[:3]})")
-        targets = config.target_modules
-        if isinstance(targets, list):
-            for target in targets:
-                if not any(p == target or p.endswith("." + target) for p in matched):
-                    warnings.warn(f"target module {target!r} matched no module", LoraWarning,
-                                  stacklevel=3)
-        unmatched = config.unmatched_pattern_keys(matched)
-        for field_name, keys in unmatched.items():
-            for key in keys:
-                warnings.warn(f"{field_name} key {key!r} matched no targeted module", LoraWarning,
-                              stacklevel=3)
-        return matched
+        return match_targets(config, self._module_paths(), self._is_embedding)
 
     def _module(self, path: str, kind: str) -> _Module:
         if path in self._modules:
@@ -650,30 +574,8 @@ class LoraModel:
                 layer.lora_embedding_A, layer.lora_embedding_B = record.lora_A, record.lora_B
 
     def _check_against_base(self, config: LoraConfig, modules: Mapping[str, AdapterModule]) -> None:
-        for path, record in modules.items():
-            key = path + ".weight"
-            if key not in self.base_weights:
-                raise AdapterMismatchError(f"the adapter has module {path!r}, but the base weights "
-                                           f"have no {key!r}")
-            expected = record.base_shape(config.fan_in_fan_out and record.kind == "linear")
-            actual = self._shape(key)
-            if actual != expected:
-                raise AdapterMismatchError(
-                    f"{key} has shape {actual}, but the adapter's lora_A {record.lora_A.shape} and "
-                    f"lora_B {record.lora_B.shape} need {expected}")
-        kinds = {p: m.kind for p, m in modules.items()}
-        targeted = {p for p in self._module_paths()
-                    if is_target(config, p, kinds[p] == "embedding" if p in kinds
-                                 else self._is_embedding(p))}
-        missing, extra = sorted(targeted - set(modules)), sorted(set(modules) - targeted)
-        if missing:
-            raise AdapterMismatchError(
-                f"the config targets {len(missing)} module(s) the adapter file has no tensors for, "
-                f"e.g. {missing[:3]}")
-        if extra:
-            raise AdapterMismatchError(
-                f"the adapter file has tensors for {len(extra)} module(s) its config does not "
-                f"target, e.g. {extra[:3]}")
+        check_adapter_modules(config, modules, self._module_paths(), self._is_embedding,
+                              lambda key: self._shape(key) if key in self.base_weights else None)
 
     def __repr__(self) -> str:
         trainable, total = self.get_nb_trainable_parameters()

@@ -1,0 +1,138 @@
+"""Which modules of a model get an adapter: PEFT's matching rules over Hugging Face module names,
+and the check that an adapter file fits the base weights it is loaded onto."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+
+from ._layer import LoraWarning
+from .adapters import AdapterMismatchError, AdapterModule
+from .config import LoraConfig
+
+# A module whose last name component is one of these is an embedding table (E[ids]), not a linear
+# layer; pass ``embedding_modules=`` to say otherwise. lm_head is a linear layer, as in PEFT.
+EMBEDDING_NAMES = frozenset({
+    "embed_tokens", "embed_positions", "embed_in", "wte", "wpe", "word_embeddings",
+    "position_embeddings", "token_type_embeddings", "tok_embeddings", "shared", "embeddings",
+})
+
+
+def _layer_index(config: LoraConfig, name: str) -> int | None:
+    """The layer number PEFT reads from a module name for layers_to_transform."""
+    patterns = config.layers_pattern
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        match = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def is_target(config: LoraConfig, name: str, is_embedding: bool = False) -> bool:
+    """PEFT's rule (``check_target_module_exists``) for whether module `name` gets an adapter.
+
+    A list of target_modules matches a name equal to an entry or ending in ``"." + entry``; a string
+    is a regex that must match the whole name; ``"all-linear"`` takes every linear module but
+    lm_head. exclude_modules wins; layers_to_transform/layers_pattern filter suffix matches.
+    """
+    exclude = config.exclude_modules
+    if exclude is not None:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, name):
+                return False
+        elif name in exclude or any(name.endswith("." + e) for e in exclude):
+            return False
+    targets = config.target_modules
+    if targets is None:
+        raise ValueError("target_modules must be set: nplora has no per-architecture defaults")
+    if isinstance(targets, str):
+        if targets.lower() == "all-linear":
+            return not is_embedding and name.rsplit(".", 1)[-1] != "lm_head"
+        return re.fullmatch(targets, name) is not None
+    if name in targets:
+        return True
+    if not any(name.endswith("." + t) for t in targets):
+        return False
+    wanted = config.layers_to_transform
+    if wanted is None or (isinstance(wanted, list) and not wanted):
+        return True
+    index = _layer_index(config, name)
+    if index is None:
+        return False
+    return index == wanted if isinstance(wanted, int) else index in wanted
+
+
+def _first_frame_outside_package() -> int:
+    """The warnings stacklevel of the user's line: the first caller outside nplora (the path to
+    here differs between LoraModel(...) and add_adapter(...))."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == package:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def match_targets(config: LoraConfig, paths: Sequence[str], is_embedding: Callable[[str], bool]
+                  ) -> list[str]:
+    """The module paths `config` targets, in order; ValueError if none.
+
+    A target_modules entry, or a rank_pattern/alpha_pattern key, that matches no module is a
+    LoraWarning (a typo in a name would otherwise just train nothing there).
+    """
+    matched = [p for p in paths if is_target(config, p, is_embedding(p))]
+    if not matched:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched none of the "
+            f"{len(paths)} modules (e.g. {list(paths[:3])})")
+    level = _first_frame_outside_package()
+    targets = config.target_modules
+    if isinstance(targets, list):
+        for target in targets:
+            if not any(p == target or p.endswith("." + target) for p in matched):
+                warnings.warn(f"target module {target!r} matched no module", LoraWarning,
+                              stacklevel=level)
+    for field_name, keys in config.unmatched_pattern_keys(matched).items():
+        for key in keys:
+            warnings.warn(f"{field_name} key {key!r} matched no targeted module", LoraWarning,
+                          stacklevel=level)
+    return matched
+
+
+def check_adapter_modules(config: LoraConfig, modules: Mapping[str, AdapterModule],
+                          paths: Sequence[str], is_embedding: Callable[[str], bool],
+                          shape_of: Callable[[str], tuple[int, ...] | None]) -> None:
+    """AdapterMismatchError unless the adapter's `modules` are exactly the ones `config` targets
+    among the base model's module `paths`, each with the base weight shape its matrices need.
+
+    ``shape_of(key)`` is the shape of base weight `key`, None when there is no such weight.
+    """
+    for path, record in modules.items():
+        key = path + ".weight"
+        actual = shape_of(key)
+        if actual is None:
+            raise AdapterMismatchError(f"the adapter has module {path!r}, but the base weights "
+                                       f"have no {key!r}")
+        expected = record.base_shape(config.fan_in_fan_out and record.kind == "linear")
+        if actual != expected:
+            raise AdapterMismatchError(
+                f"{key} has shape {actual}, but the adapter's lora_A {record.lora_A.shape} and "
+                f"lora_B {record.lora_B.shape} need {expected}")
+    kinds = {p: m.kind for p, m in modules.items()}
+    targeted = {p for p in paths
+                if is_target(config, p, kinds[p] == "embedding" if p in kinds else is_embedding(p))}
+    missing, extra = sorted(targeted - set(modules)), sorted(set(modules) - targeted)
+    if missing:
+        raise AdapterMismatchError(
+            f"the config targets {len(missing)} module(s) the adapter file has no tensors for, "
+            f"e.g. {missing[:3]}")
+    if extra:
+        raise AdapterMismatchError(
+            f"the adapter file has tensors for {len(extra)} module(s) its config does not "
+            f"target, e.g. {extra[:3]}")
