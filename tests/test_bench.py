@@ -66,6 +66,22 @@ def test_limit_shares_are_set_for_float32_forward_rows(quick_json: dict) -> None
             assert row["limit_share"] is None
 
 
+def test_weight_streaming_rows_time_their_own_gemv(quick_json: dict) -> None:
+    # Batches below 512 are held against NumPy's W @ v timed in the same alternation (same W, same
+    # moment), not against the separate limit row; batch 512 against the GEMM limit row.
+    rows = {row["id"]: row for row in quick_json["rows"]}
+    gemm = rows["limit_gemm"]["numpy_rate"]
+    streaming = [row for key, row in rows.items() if key.startswith("forward_f32") and row["limit"] == "gemv"]
+    assert streaming
+    for row in streaming:
+        assert row["limit_ms"] > 0 and len(row["samples_ms"]["limit"]) == len(row["samples_ms"]["nplora"])
+        assert row["limit_share"] == pytest.approx(row["limit_ms"] / row["nplora_ms"], rel=1e-9)
+    large = [row for row in rows.values() if row["id"].startswith("forward_f32") and row["limit"] == "gemm"]
+    for row in large:
+        assert row["limit_ms"] is None
+        assert row["limit_share"] == pytest.approx(row["nplora_rate"] / gemm, rel=1e-9)
+
+
 def test_table_prints_header_and_summary(capsys: pytest.CaptureFixture[str]) -> None:
     threads = nplora.get_num_threads()
     status = main(["bench", "--quick", "--size", "128", "--repeats", "1", "--threads", "1",

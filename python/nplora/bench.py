@@ -16,6 +16,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from typing import Any, Callable, TextIO, cast
 
 import numpy as np
@@ -99,7 +100,10 @@ def forward_cases_of(dtype: np.dtype, batches: tuple[int, ...], rng: np.random.G
             torch=torch_peft.forward(peft, x) if torch_peft else None,
             flops=2.0 * batch * size * size + 4.0 * batch * r * size, bytes=float(weight.nbytes),
             unit="GB/s" if batch < LARGE_BATCH else "GFLOP/s", target=forward_target(batch, dtype),
-            limit=None if name != "f32" else "gemv" if batch < LARGE_BATCH else "gemm")
+            limit=None if name != "f32" else "gemv" if batch < LARGE_BATCH else "gemm",
+            # The weight-streaming rows' limit, NumPy's W @ v on the same W, timed in the row.
+            limit_side=Side(partial(np.matmul, weight, x[0].copy()))
+            if name == "f32" and batch < LARGE_BATCH else None)
 
 
 def backward_case(rng: np.random.Generator, size: int, r: int, torch_peft: TorchPeft | None,
@@ -398,7 +402,7 @@ def run_bench(*, size: int = DEFAULT_SIZE, rank: int = DEFAULT_RANK, vocab: int 
         set_num_threads(previous_threads)
     limits = {row.id[len("limit_"):]: row.numpy_rate for row in rows if row.id.startswith("limit_")}
     for row in rows:  # a row's rate is in its limit's unit (GB/s for GEMV, GFLOP/s for GEMM)
-        limit = limits.get(row.limit) if row.limit else None
+        limit = limits.get(row.limit) if row.limit and row.limit_ms is None else None
         if row.nplora_rate and limit:
             row.limit_share = row.nplora_rate / limit
     targeted = [row for row in rows if row.target_met is not None]

@@ -66,6 +66,10 @@ class Case:
     unit: str = "GFLOP/s"  # the rate shown: flops / time or bytes / time
     target: float | None = None
     limit: str | None = None  # "gemm" or "gemv": the limit row this row's rate is held against
+    # The limit's own NumPy call (same work unit as the row), timed in this row's alternation: the
+    # machine's memory bandwidth swung from 34 to 66 GB/s between rows of one run, so a GB/s
+    # taken from another row, seconds apart, said little.
+    limit_side: Side | None = None
     note: str = ""
 
 
@@ -93,6 +97,7 @@ class Row:
     torch_check: str | None = None
     limit: str | None = None
     limit_share: float | None = None
+    limit_ms: float | None = None  # the row's own limit call (Case.limit_side), if it has one
     note: str = ""
     samples_ms: dict[str, list[float]] = field(default_factory=dict)
     others_cpu_share: float | None = None  # CPU time other processes took while this row ran
@@ -115,17 +120,18 @@ def relative_error(result: list[np.ndarray], reference: list[np.ndarray]) -> flo
 def measure(case: Case, repeats: int, min_sample: float) -> Row:
     """Check the sides against NumPy, then time them; medians of per-call times."""
     sides = {name: side for name, side in
-             (("numpy", case.numpy), ("nplora", case.nplora), ("torch", case.torch)) if side}
+             (("numpy", case.numpy), ("nplora", case.nplora), ("limit", case.limit_side),
+              ("torch", case.torch)) if side}
     rtol = RTOL[np.dtype(case.dtype)]
     reference = case.numpy.result()
     errors = {name: relative_error(side.result(), reference)
-              for name, side in sides.items() if name != "numpy"}
+              for name, side in sides.items() if name not in ("numpy", "limit")}
     del reference
     numbers: dict[str, int] = {}
     samples: dict[str, list[float]] = {name: [] for name in sides}
-    # NumPy and nplora alternate; PyTorch runs after them, so that its OpenMP threads, spinning
-    # after each call, do not take cores from the pair being compared.
-    for wanted in (("numpy", "nplora"), ("torch",)):
+    # NumPy and nplora (and the row's limit call) alternate; PyTorch runs after them, so that its
+    # OpenMP threads, spinning after each call, do not take cores from the pair being compared.
+    for wanted in (("numpy", "nplora", "limit"), ("torch",)):
         group = tuple(name for name in wanted if name in sides)
         for name in group:  # warm-up, which also sizes the samples
             once = min(sides[name].call(), sides[name].call())
@@ -143,20 +149,22 @@ def measure(case: Case, repeats: int, min_sample: float) -> Row:
     def verdict(name: str) -> str | None:
         return None if name not in errors else "ok" if errors[name] <= rtol else "FAILED"
 
-    nplora_ms, torch_ms = ms.get("nplora"), ms.get("torch")
+    nplora_ms, torch_ms, limit_ms = ms.get("nplora"), ms.get("torch"), ms.get("limit")
+    nplora_rate, limit_rate = rate(nplora_ms), rate(limit_ms)
     ratio = ms["numpy"] / nplora_ms if nplora_ms else None
     check = verdict("nplora") or "n/a"
     error = errors.get("nplora")
     return Row(
         id=case.id, kernel=case.kernel, shape=case.shape, dtype=str(np.dtype(case.dtype)),
         numpy_ms=ms["numpy"], nplora_ms=nplora_ms, ratio=ratio, unit=case.unit,
-        numpy_rate=rate(ms["numpy"]), nplora_rate=rate(nplora_ms), target=case.target,
+        numpy_rate=rate(ms["numpy"]), nplora_rate=nplora_rate, target=case.target,
         target_met=None if case.target is None or ratio is None else (
             check == "ok" and ratio >= case.target),
         check=check, max_rel_error=error if error is None or math.isfinite(error) else None,
         calls_per_sample=numbers, torch_ms=torch_ms,
         torch_ratio=torch_ms / nplora_ms if torch_ms and nplora_ms else None,
-        torch_check=verdict("torch"), limit=case.limit, note=case.note,
+        torch_check=verdict("torch"), limit=case.limit, note=case.note, limit_ms=limit_ms,
+        limit_share=nplora_rate / limit_rate if nplora_rate and limit_rate else None,
         samples_ms={name: [1e3 * v for v in values] for name, values in samples.items()})
 
 
@@ -289,8 +297,9 @@ def format_table(result: dict[str, Any]) -> str:
 
     lines = format_header(result) + ["", line(columns), line(["-" * w for w in widths])]
     lines += [line(cells) for cells in table]
-    lines += ["", f"limit: nplora's rate as a share of NumPy's GEMV GB/s (batch < {LARGE_BATCH}) or "
-                  f"GEMM GFLOP/s (batch {LARGE_BATCH}); PERFORMANCE.md asks >= {LIMIT_SHARE:.0%}",
+    lines += ["", f"limit: nplora's rate as a share of NumPy's GEMV GB/s (batch < {LARGE_BATCH}: W @ v "
+                  f"timed within the row) or GEMM GFLOP/s (batch {LARGE_BATCH}: the limit row); "
+                  f"PERFORMANCE.md asks >= {LIMIT_SHARE:.0%}",
               "others: CPU time other processes took while the row ran (above a few %, distrust it)",
               f"targets met: {result['targets_met']} / {result['targets_total']}"]
     if result["failed"]:
