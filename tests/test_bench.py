@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import statistics
 
 import numpy as np
 import pytest
@@ -75,11 +76,39 @@ def test_weight_streaming_rows_time_their_own_gemv(quick_json: dict) -> None:
     assert streaming
     for row in streaming:
         assert row["limit_ms"] > 0 and len(row["samples_ms"]["limit"]) == len(row["samples_ms"]["nplora"])
-        assert row["limit_share"] == pytest.approx(row["limit_ms"] / row["nplora_ms"], rel=1e-9)
+        pairs = zip(row["samples_ms"]["limit"], row["samples_ms"]["nplora"])
+        assert row["limit_share"] == pytest.approx(statistics.median(t / u for t, u in pairs), rel=1e-9)
     large = [row for row in rows.values() if row["id"].startswith("forward_f32") and row["limit"] == "gemm"]
     for row in large:
         assert row["limit_ms"] is None
         assert row["limit_share"] == pytest.approx(row["nplora_rate"] / gemm, rel=1e-9)
+
+
+def test_ratio_is_the_median_of_round_by_round_ratios(quick_json: dict) -> None:
+    # Each round's NumPy sample over the nplora sample beside it, then the median: not the ratio of
+    # two medians, whose samples may come from moments the shared machine ran at other speeds.
+    for row in quick_json["rows"]:
+        if row["nplora_ms"] is None:
+            continue
+        pairs = zip(row["samples_ms"]["numpy"], row["samples_ms"]["nplora"])
+        assert row["ratio"] == pytest.approx(statistics.median(t / u for t, u in pairs), rel=1e-12)
+
+
+def test_rounds_alternate_which_side_goes_first() -> None:
+    calls: list[str] = []
+
+    def side(name: str) -> bench.Side:
+        return bench.Side(lambda: calls.append(name) or np.zeros(3))
+
+    case = bench.Case(id="order", kernel="order", shape="-", dtype=np.dtype(np.float64),
+                      numpy=side("numpy"), nplora=side("nplora"), limit_side=side("limit"),
+                      flops=1.0, target=1.0)
+    from nplora.bench_harness import measure
+    row = measure(case, repeats=4, min_sample=0.0)
+    # 2 result checks (numpy's reference, nplora's) and 2 warm-up calls per side come first.
+    timed = calls[2 + 2 * 3:]
+    assert timed == ["numpy", "nplora", "limit", "limit", "nplora", "numpy"] * 2
+    assert row.calls_per_sample == {"numpy": 1, "nplora": 1, "limit": 1}
 
 
 def test_table_prints_header_and_summary(capsys: pytest.CaptureFixture[str]) -> None:

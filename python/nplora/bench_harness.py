@@ -136,11 +136,19 @@ def measure(case: Case, repeats: int, min_sample: float) -> Row:
         for name in group:  # warm-up, which also sizes the samples
             once = min(sides[name].call(), sides[name].call())
             numbers[name] = max(1, min(1000, math.ceil(min_sample / max(once, 1e-9))))
-        for _ in range(repeats if group else 0):
-            for name in group:
+        for repeat in range(repeats if group else 0):
+            # Every other round in reverse order, so that a machine speeding up or slowing down
+            # through a round favours neither side.
+            for name in group if repeat % 2 == 0 else group[::-1]:
                 samples[name].append(sum(sides[name].call() for _ in range(numbers[name]))
                                      / numbers[name])
     ms = {name: 1e3 * statistics.median(values) for name, values in samples.items()}
+
+    def paired(over: str) -> float | None:
+        """The median over rounds of `over`'s time / nplora's time in the same round."""
+        if over not in samples or "nplora" not in samples:
+            return None
+        return statistics.median(t / u for t, u in zip(samples[over], samples["nplora"]))
 
     def rate(milliseconds: float | None) -> float | None:
         work = case.flops if case.unit == "GFLOP/s" else case.bytes
@@ -151,7 +159,11 @@ def measure(case: Case, repeats: int, min_sample: float) -> Row:
 
     nplora_ms, torch_ms, limit_ms = ms.get("nplora"), ms.get("torch"), ms.get("limit")
     nplora_rate, limit_rate = rate(nplora_ms), rate(limit_ms)
-    ratio = ms["numpy"] / nplora_ms if nplora_ms else None
+    # Ratios are taken round by round, then their median: the host's other tenants change the
+    # speed of these shared cores by up to ~1.7x within seconds (a register-only FMA loop ran at
+    # 96-169 GFLOP/s on one core), so two samples taken side by side are compared, not two medians
+    # of samples taken at different moments.
+    ratio = paired("numpy")
     check = verdict("nplora") or "n/a"
     error = errors.get("nplora")
     return Row(
@@ -164,7 +176,7 @@ def measure(case: Case, repeats: int, min_sample: float) -> Row:
         calls_per_sample=numbers, torch_ms=torch_ms,
         torch_ratio=torch_ms / nplora_ms if torch_ms and nplora_ms else None,
         torch_check=verdict("torch"), limit=case.limit, note=case.note, limit_ms=limit_ms,
-        limit_share=nplora_rate / limit_rate if nplora_rate and limit_rate else None,
+        limit_share=paired("limit") if nplora_rate and limit_rate else None,
         samples_ms={name: [1e3 * v for v in values] for name, values in samples.items()})
 
 
@@ -257,7 +269,8 @@ def format_header(result: dict[str, Any]) -> list[str]:
     elif m.get("torch_skipped"):
         lines.append(f"PyTorch + PEFT skipped ({m['torch_skipped']})")
     lines.append(f"threads on every side: {settings['threads']}; medians of {settings['repeats']} "
-                 "alternating samples; ratio = NumPy ms / nplora ms (> 1: nplora is faster)")
+                 "alternating samples; ratio = the median over those rounds of NumPy ms / nplora ms "
+                 "(> 1: nplora is faster)")
     noise = [] if not load else [f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"]
     share = result.get("others_cpu_share")
     if share is not None:
