@@ -84,8 +84,10 @@ using dispatch::lanes_of;
 
 // Up to this many rows the dot-product kernel wins: the outer-product one's lanes would mostly
 // hold padding. With AVX-512 floats (16 lanes) the dot kernel's whole-batch tiles win up to 6
-// rows: relative to NumPy's W @ v timed beside them, 1.3 against 1.75 W @ v times at 5-6 rows
-// (at 7-8 rows the outer-product kernel was faster again; in float64 it won from 5 rows).
+// rows: on Zen 4, relative to NumPy's W @ v timed beside them, 1.3 against 1.75 W @ v times at
+// 5-6 rows (at 7-8 rows the outer-product kernel was faster again; in float64 it won from 5 rows);
+// on the Xeon, batch 5-6 at 4096x4096 took 1.8-2.0 ms against 3.7-5.5 ms, and 3x7 or 3x8 dot
+// tiles did not beat the outer-product kernel at 7-8 rows (x no longer fits L1).
 template <class T>
 Index outer_product_min_rows(Isa chosen) {
     if (kOuterMinRowsOverride >= 0) return kOuterMinRowsOverride;
