@@ -29,10 +29,27 @@ def rng():
 
 @pytest.fixture(params=["nplora", "numpy", "eigen"])
 def backend(request):
-    """Runs a test on each product backend (nplora's kernels, NumPy's BLAS, Eigen), restoring the default."""
+    """Runs a test on each product backend (nplora's kernels, NumPy's BLAS, Eigen), restoring the
+    one in use before (NPLORA_BLAS's choice, in a run that sets it)."""
+    before = nplora.blas_info()
     # "nplora" here runs float64 on nplora's kernels too (by default it goes to NumPy's dgemm).
     used = nplora.use_blas(request.param, float64="nplora" if request.param == "nplora" else None)
-    if used != request.param:
-        pytest.skip(f"backend {request.param} not available here")
-    yield request.param
-    nplora.use_blas("nplora")
+    try:
+        if used != request.param:
+            pytest.skip(f"backend {request.param} not available here")
+        yield request.param
+    finally:
+        nplora.use_blas(before["backend"],
+                        float64=before["float64"] if before["backend"] == "nplora" else None)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "each_backend: takes the backend fixture, so runs on every product backend "
+        "whatever NPLORA_BLAS says (a run under another NPLORA_BLAS can leave it out: -m 'not each_backend')")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "backend" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.each_backend)
