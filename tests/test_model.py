@@ -187,6 +187,28 @@ def test_mixed_batch_matches_per_row_reference(rng):
         model.forward(path, x, adapter_ids=[5] * 7)
 
 
+def test_mixed_batch_core_takes_only_layers_of_the_weights_shape(rng):
+    # The core reads each adapter's A, B and scaling from its layer: a layer of another width, a
+    # None or a layer of the other dtype is refused, not read past its end.
+    from nplora import _core
+    weight = rng.standard_normal((6, 5)).astype(np.float32)
+    good = nplora.LoraLinear(weight, r=2, init_lora_weights=False, seed=0)
+    narrow = nplora.LoraLinear(rng.standard_normal((6, 4)).astype(np.float32), r=2)
+    wide64 = nplora.LoraLinear(weight.astype(np.float64), r=2)
+    x, y = rng.standard_normal((3, 5)).astype(np.float32), np.empty((3, 6), np.float32)
+    ids = np.array([0, 1, -1])
+    with pytest.raises(ValueError, match="in_features 5 and out_features 6, got 4 and 6"):
+        _core.mixed_linear_forward(weight, None, False, x, y, [good._core, narrow._core], ids)
+    with pytest.raises(ValueError, match="must not contain None"):
+        _core.mixed_linear_forward(weight, None, False, x, y, [good._core, None], ids)
+    with pytest.raises(TypeError):
+        _core.mixed_linear_forward(weight, None, False, x, y, [good._core, wide64._core], ids)
+    _core.mixed_linear_forward(weight, None, False, x, y, [good._core, good._core], ids)
+    want = x @ weight.T + good.scaling * (x @ good.lora_A.T) @ good.lora_B.T
+    np.testing.assert_allclose(y[:2], want[:2], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y[2], x[2] @ weight.T, rtol=1e-5, atol=1e-5)
+
+
 def test_merge_and_unload_and_in_place_merge(rng):
     weights = toy_weights(rng)
     originals = {k: v.copy() for k, v in weights.items()}

@@ -16,8 +16,7 @@ void bind_mixed_for(py::module_& m) {
     m.def(
         "mixed_linear_forward",
         [](const Array<T>& weight, std::optional<Array<T>> bias, bool fan_in_fan_out,
-           const Array<T>& x, Array<T>& y, const std::vector<Array<T>>& lora_A,
-           const std::vector<Array<T>>& lora_B, const std::vector<double>& scalings,
+           const Array<T>& x, Array<T>& y, const std::vector<const LoraLinear<T>*>& layers,
            const Array<std::int64_t>& adapter_of_row) {
             const MatrixRef<const T> w = matrix_view(weight, "weight");
             const MatrixRef<const T> xv = matrix_view(x, "x");
@@ -34,17 +33,20 @@ void bind_mixed_for(py::module_& m) {
                                                 std::to_string(out) + ",), got " + shape_of(*bias));
                 bias_data = bias->data();
             }
-            if (lora_A.size() != lora_B.size() || lora_A.size() != scalings.size())
-                throw std::invalid_argument("lora_A, lora_B and scalings must have one entry per adapter");
+            // Each layer's A, B and scaling straight from the core: no NumPy views to make and
+            // check (192 of them for 64 adapters took ~0.1 ms a call, ~1% of a 4096-wide batch).
             std::vector<AdapterRef<T>> adapters;
-            for (std::size_t k = 0; k < lora_A.size(); ++k) {
-                const MatrixRef<const T> a = matrix_view(lora_A[k], "lora_A");
-                const MatrixRef<const T> b = matrix_view(lora_B[k], "lora_B");
-                check_shape("lora_A", a.rows, a.cols, a.rows, in);
-                check_shape("lora_B", b.rows, b.cols, out, a.rows);
-                if (a.row_stride != in || b.row_stride != a.rows)
-                    throw std::invalid_argument("lora_A and lora_B must be C-contiguous");
-                adapters.push_back({a.data, b.data, a.rows, static_cast<T>(scalings[k])});
+            adapters.reserve(layers.size());
+            for (const LoraLinear<T>* layer : layers) {
+                if (!layer) throw std::invalid_argument("layers must not contain None");
+                if (layer->in_features() != in || layer->out_features() != out)
+                    throw std::invalid_argument(
+                        "every layer must have in_features " + std::to_string(in) +
+                        " and out_features " + std::to_string(out) + ", got " +
+                        std::to_string(layer->in_features()) + " and " +
+                        std::to_string(layer->out_features()));
+                adapters.push_back({layer->lora_A().data(), layer->lora_B().data(), layer->rank(),
+                                    layer->scaling()});
             }
             if (adapter_of_row.ndim() != 1 || adapter_of_row.shape(0) != xv.rows ||
                 (xv.rows > 1 && adapter_of_row.strides(0) != sizeof(std::int64_t)))
@@ -57,9 +59,9 @@ void bind_mixed_for(py::module_& m) {
         },
         py::arg("weight").noconvert(), py::arg("bias").noconvert().none(true),
         py::arg("fan_in_fan_out"), py::arg("x").noconvert(), py::arg("y").noconvert(),
-        py::arg("lora_A"), py::arg("lora_B"), py::arg("scalings"),
-        py::arg("adapter_of_row").noconvert(),
-        "y = x W^T + bias, plus for each row its adapter's s (x A^T) B^T (-1: base only).");
+        py::arg("layers"), py::arg("adapter_of_row").noconvert(),
+        "y = x W^T + bias, plus for each row its adapter's s (x A^T) B^T (-1: base only), the\n"
+        "adapters given as the core layers (LoraLinear_float32/64) in index order.");
     m.def(
         "swap_merged",
         [](LoraLinear<T>& from, LoraLinear<T>& to) {

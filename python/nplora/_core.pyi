@@ -364,14 +364,16 @@ def kernel_isa() -> str:
     The SIMD kernels' instruction set: avx512, avx2 or none.
     """
 @typing.overload
-def mixed_linear_forward(weight: numpy.typing.NDArray[numpy.float32], bias: numpy.typing.NDArray[numpy.float32] | None, fan_in_fan_out: bool, x: numpy.typing.NDArray[numpy.float32], y: numpy.typing.NDArray[numpy.float32], lora_A: collections.abc.Sequence[typing.Annotated[numpy.typing.ArrayLike, numpy.float32]], lora_B: collections.abc.Sequence[typing.Annotated[numpy.typing.ArrayLike, numpy.float32]], scalings: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex], adapter_of_row: numpy.typing.NDArray[numpy.int64]) -> None:
+def mixed_linear_forward(weight: numpy.typing.NDArray[numpy.float32], bias: numpy.typing.NDArray[numpy.float32] | None, fan_in_fan_out: bool, x: numpy.typing.NDArray[numpy.float32], y: numpy.typing.NDArray[numpy.float32], layers: collections.abc.Sequence[LoraLinear_float32], adapter_of_row: numpy.typing.NDArray[numpy.int64]) -> None:
     """
-    y = x W^T + bias, plus for each row its adapter's s (x A^T) B^T (-1: base only).
+    y = x W^T + bias, plus for each row its adapter's s (x A^T) B^T (-1: base only), the
+    adapters given as the core layers (LoraLinear_float32/64) in index order.
     """
 @typing.overload
-def mixed_linear_forward(weight: numpy.typing.NDArray[numpy.float64], bias: numpy.typing.NDArray[numpy.float64] | None, fan_in_fan_out: bool, x: numpy.typing.NDArray[numpy.float64], y: numpy.typing.NDArray[numpy.float64], lora_A: collections.abc.Sequence[typing.Annotated[numpy.typing.ArrayLike, numpy.float64]], lora_B: collections.abc.Sequence[typing.Annotated[numpy.typing.ArrayLike, numpy.float64]], scalings: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex], adapter_of_row: numpy.typing.NDArray[numpy.int64]) -> None:
+def mixed_linear_forward(weight: numpy.typing.NDArray[numpy.float64], bias: numpy.typing.NDArray[numpy.float64] | None, fan_in_fan_out: bool, x: numpy.typing.NDArray[numpy.float64], y: numpy.typing.NDArray[numpy.float64], layers: collections.abc.Sequence[LoraLinear_float64], adapter_of_row: numpy.typing.NDArray[numpy.int64]) -> None:
     """
-    y = x W^T + bias, plus for each row its adapter's s (x A^T) B^T (-1: base only).
+    y = x W^T + bias, plus for each row its adapter's s (x A^T) B^T (-1: base only), the
+    adapters given as the core layers (LoraLinear_float32/64) in index order.
     """
 def own_gemm_enabled(for_double: bool) -> bool:
     """

@@ -71,7 +71,6 @@ def mixed_forward(module: Any, names: Sequence[str], x: Any, adapter_ids: Any) -
     y = np.empty(batch_shape + (first.out_features,), dtype=weight.dtype)
     _core.mixed_linear_forward(
         weight, module.bias, first.fan_in_fan_out, x.reshape(-1, in_features),
-        y.reshape(-1, first.out_features), [layer.lora_A for layer in layers],
-        [layer.lora_B for layer in layers], [layer.scaling for layer in layers],
+        y.reshape(-1, first.out_features), [layer._core for layer in layers],
         np.ascontiguousarray(indices, dtype=np.int64))
     return y

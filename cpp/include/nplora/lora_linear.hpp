@@ -36,6 +36,8 @@ public:
 
     RowMatrix<T>& lora_A() { return a_; }
     RowMatrix<T>& lora_B() { return b_; }
+    const RowMatrix<T>& lora_A() const { return a_; }
+    const RowMatrix<T>& lora_B() const { return b_; }
     RowMatrix<T>& lora_A_grad() { return a_grad_; }
     RowMatrix<T>& lora_B_grad() { return b_grad_; }
 
