@@ -355,6 +355,47 @@ print(_core.kernel_isa(), worst)
 """
 
 
+def test_mixed_and_small_batches_in_chunks_on_any_thread_count(rng):
+    # Outputs go to the threads in chunks taken as they finish (72-240 rows of W here), so one
+    # thread computes several apart: each row's B term must follow its thread's chunks across the
+    # gaps. Batch 64 of 64 adapters and plain batches of the outer-product and dot-product kernels,
+    # against NumPy, on 1 to 5 threads (more threads than cores interleave the chunks anyhow).
+    fan_in, fan_out, n = 4096, 2011, 64
+    weight = rng.standard_normal((fan_out, fan_in)).astype(np.float32)
+    config = nplora.LoraConfig(r=16, lora_alpha=32, target_modules=["proj"], init_lora_weights=False)
+    model = nplora.LoraModel({"proj.weight": weight}, config, "a0", seed=0)
+    for k in range(1, n):
+        model.add_adapter(f"a{k}", config, seed=k)
+    model.eval()
+    x = rng.standard_normal((n, fan_in)).astype(np.float32)
+    ids = rng.permutation(n)
+    ids[5] = -1  # a base-only row
+    x64 = x.astype(np.float64)
+    want = x64 @ weight.T.astype(np.float64)
+    for k in range(n):
+        layer = model.layers(f"a{k}")["proj"]
+        rows = ids == k
+        a, b = layer.lora_A.astype(np.float64), layer.lora_B.astype(np.float64)
+        want[rows] += layer.scaling * (x64[rows] @ a.T) @ b.T
+    plain = model.layers("a0")["proj"]
+    a0, b0 = plain.lora_A.astype(np.float64), plain.lora_B.astype(np.float64)
+    before = nplora.get_num_threads()
+    try:
+        for threads in (1, 2, 3, 5):
+            nplora.set_num_threads(threads)
+            for _ in range(3):
+                y = model.forward("proj", x, adapter_ids=ids)
+                error = np.abs(y - want).max() / np.abs(want).max()
+                assert error < 1e-5, (threads, error)
+            for rows in (3, 37):
+                got = plain(x[:rows])
+                exact = x64[:rows] @ weight.T.astype(np.float64) + plain.scaling * (x64[:rows] @ a0.T) @ b0.T
+                error = np.abs(got - exact).max() / np.abs(exact).max()
+                assert error < 1e-5, (threads, rows, error)
+    finally:
+        nplora.set_num_threads(before)
+
+
 def test_mixed_batches_on_every_instruction_set():
     # The mixed-batch kernel (adapters' work between the base product's tiles) on each ISA: ranks
     # of 1 to 40 side by side, rows sharing an adapter, base-only rows, against NumPy.

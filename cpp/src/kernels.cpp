@@ -100,15 +100,36 @@ bool takes_outer_product(Isa chosen, Index n) {
     return chosen != Isa::None && n > outer_product_min_rows<T>(chosen) && n <= 4 * lanes_of(chosen, T());
 }
 
-// fn(first, last) for the rows of W [0, out) in whole blocks of 4 per thread, so each thread streams
-// its own part of W, and at least ~1 MB of it per thread: below that, waking a thread costs more
-// than it saves.
+// The rows of W [0, out) in chunks the threads take as they go (ChunkQueue), so each thread streams
+// its own parts of W, each at least ~1 MB: below that, waking a thread costs more than it saves.
+// Chunks are whole multiples of 24 rows, so the tiles (6 or 8 rows) never leave single rows behind
+// inside a chunk.
+constexpr Index kWeightRowAlign = 24;
+
+template <class T>
+Index weight_rows_per_chunk(Index in) {
+    const Index row_bytes = in * static_cast<Index>(sizeof(T));
+    return row_bytes > 0 ? std::max<Index>(64, (Index(1) << 20) / row_bytes) : 64;
+}
+
+template <class T>
+ChunkQueue weight_row_chunks(Index out, Index in) {
+    const Index min_rows = weight_rows_per_chunk<T>(in);
+    return ChunkQueue(out, min_rows, 4 * min_rows, kWeightRowAlign, get_num_threads());
+}
+
 template <class T, class Fn>
 void over_weight_rows(Index out, Index in, const Fn& fn) {
-    const Index blocks = (out + 3) / 4;
-    const Index block_bytes = 4 * in * static_cast<Index>(sizeof(T));
-    const Index grain = block_bytes > 0 ? std::max<Index>(16, (Index(1) << 20) / block_bytes) : 16;
-    parallel_for(blocks, grain, [&](Index begin, Index end) { fn(begin * 4, std::min(end * 4, out)); });
+    const Index min_rows = weight_rows_per_chunk<T>(in);
+    parallel_chunks(out, min_rows, 4 * min_rows, kWeightRowAlign, [&](Index first, Index last) { fn(first, last); });
+}
+
+bool next_chunk_of(void* queue, std::ptrdiff_t* begin, std::ptrdiff_t* end) {
+    Index b = 0, e = 0;
+    if (!static_cast<ChunkQueue*>(queue)->next(b, e)) return false;
+    *begin = b;
+    *end = e;
+    return true;
 }
 
 // One spare pack buffer per thread: a SmallBatchPack takes it when it is large enough and gives
@@ -263,11 +284,14 @@ bool mixed_small_batch_linear(const SmallBatchArgs<T>& base, const T* const* a, 
     args.claimed = &claimed;
     args.finished = &finished;
 
-    over_weight_rows<T>(base.out, base.in, [&](Index first, Index last) {
+    ChunkQueue queue = weight_row_chunks<T>(base.out, base.in);
+    args.next_chunk = &next_chunk_of;
+    args.queue = &queue;
+    parallel_for(queue.threads(), 1, [&](Index, Index) {
         if (chosen == Isa::Avx512)
-            kernels::avx512::mixed_batch_rows(args, first, last);
+            kernels::avx512::mixed_batch_rows(args);
         else
-            kernels::avx2::mixed_batch_rows(args, first, last);
+            kernels::avx2::mixed_batch_rows(args);
     });
     return true;
 #else

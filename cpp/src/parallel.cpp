@@ -254,6 +254,43 @@ void parallel_for(Index n, Index grain, const std::function<void(Index, Index)>&
     pool().run(n, grain, body);
 }
 
+ChunkQueue::ChunkQueue(Index n, Index min_chunk, Index max_chunk, Index align, int threads)
+    : n_(std::max<Index>(n, 0)), align_(std::max<Index>(align, 1)) {
+    min_chunk_ = std::max<Index>((min_chunk + align_ - 1) / align_ * align_, align_);
+    max_chunk_ = std::max<Index>(max_chunk / align_ * align_, min_chunk_);
+    threads_ = static_cast<int>(std::max<Index>(1, std::min<Index>(threads, (n_ + min_chunk_ - 1) / min_chunk_)));
+}
+
+bool ChunkQueue::next(Index& begin, Index& end) {
+    Index at = next_.load(std::memory_order_relaxed);
+    for (;;) {
+        if (at >= n_) return false;
+        const Index wanted = (n_ - at) / (4 * threads_);
+        const Index chunk = std::min(std::max((wanted + align_ - 1) / align_ * align_, min_chunk_), max_chunk_);
+        const Index stop = n_ - at <= chunk ? n_ : at + chunk;
+        if (next_.compare_exchange_weak(at, stop, std::memory_order_relaxed)) {
+            begin = at;
+            end = stop;
+            return true;
+        }
+    }
+}
+
+void parallel_chunks(Index n, Index min_chunk, Index max_chunk, Index align,
+                     const std::function<void(Index, Index)>& body) {
+    if (n <= 0) return;
+    ChunkQueue queue(n, min_chunk, max_chunk, align, get_num_threads());
+    if (queue.threads() <= 1) {
+        body(0, n);
+        return;
+    }
+    // One part per thread, each taking chunks until none are left.
+    parallel_for(queue.threads(), 1, [&](Index, Index) {
+        Index begin = 0, end = 0;
+        while (queue.next(begin, end)) body(begin, end);
+    });
+}
+
 extern "C" void nplora_blas_threads_callback(int /*sync: always wait*/, BlasJob job, int count,
                                              std::size_t job_size, void* jobs, int job_arg) noexcept {
     // OpenBLAS's threaded GEMM jobs wait for each other (they share packed panels), so they must all

@@ -112,6 +112,10 @@ struct MixedBatchArgs {
     std::ptrdiff_t ldsp;
     std::ptrdiff_t* claimed;
     std::ptrdiff_t* finished;
+    /* Hands the calling thread its next chunk of output rows [*begin, *end) (false: none left),
+       so a slower thread takes fewer of them. */
+    bool (*next_chunk)(void* queue, std::ptrdiff_t* begin, std::ptrdiff_t* end);
+    void* queue;
 };
 
 /* The packed GEMM's blocking: tiles of `rows` x `cols` of C, k blocks of `depth`, W blocks of
@@ -134,8 +138,9 @@ struct GemmShape {
     void lora_grad_b(const LoraGradArgs<T>& a, std::ptrdiff_t k_begin, std::ptrdiff_t k_end, T* gb); \
     void lora_grad_a(const LoraGradArgs<T>& a, std::ptrdiff_t k_begin, std::ptrdiff_t k_end);       \
     int grad_a_rows(T); /* the j block lora_grad_a works in (ldgbs is a multiple of it) */        \
-    /* Output rows [begin, end) of a mixed batch; every call together covers all of them. */       \
-    void mixed_batch_rows(const MixedBatchArgs<T>& a, std::ptrdiff_t begin, std::ptrdiff_t end);    \
+    /* The chunks of a mixed batch's output rows that a.next_chunk hands this thread; every call    \
+       together covers all of them. */                                                             \
+    void mixed_batch_rows(const MixedBatchArgs<T>& a);                                             \
     int lanes(T); /* vector width in elements */                                                  \
     GemmShape gemm_shape(T);                                                                       \
     void gemm_pack_x(const GemmArgs<T>& a, std::ptrdiff_t panel_begin, std::ptrdiff_t panel_end,    \
