@@ -146,6 +146,33 @@ def test_gemm_is_bitwise_the_same_on_one_and_two_threads(rng):
         nplora.use_blas("nplora")
 
 
+def test_backward_is_bitwise_the_same_on_any_thread_count(rng):
+    # The thin products split out into a fixed number of parts (summed in part order) and the GEMM
+    # splits C by columns, so no gradient depends on how many threads took part.
+    nplora.use_blas("nplora", float64="nplora")
+    before = nplora.get_num_threads()
+    try:
+        for dtype in (np.float32, np.float64):
+            weight = rng.standard_normal((1000, 700)).astype(dtype)
+            layer = nplora.LoraLinear(weight, r=16, lora_alpha=32, init_lora_weights="gaussian", seed=0)
+            layer.lora_B[...] = rng.standard_normal(layer.lora_B.shape)
+            x = rng.standard_normal((300, 700)).astype(dtype)
+            g = rng.standard_normal((300, 1000)).astype(dtype)
+            results = []
+            for threads in (1, 2, 3):
+                nplora.set_num_threads(threads)
+                layer.zero_grad()
+                layer(x)
+                grad_x = layer.backward(g)
+                results.append((grad_x, layer.lora_A_grad.copy(), layer.lora_B_grad.copy()))
+            for other in results[1:]:
+                for first, second in zip(results[0], other):
+                    np.testing.assert_array_equal(first, second)
+    finally:
+        nplora.set_num_threads(before)
+        nplora.use_blas("nplora")
+
+
 def test_gemm_rejects_mismatched_shapes():
     a = np.ones((3, 4), np.float32)
     with pytest.raises(ValueError, match=r"op\(a\) is \(3, 4\), op\(b\) \(5, 2\)"):

@@ -69,17 +69,19 @@ bool lora_linear_grads(const T* g, Index ldg, const T* x, Index ldx, const T* b,
     args.r_pad = r_pad;
     args.in = in;
 
-    // G B and G^T (s P): out split between the threads, each with its own part of G B to sum.
-    const int parts = static_cast<int>(std::max<Index>(1, std::min<Index>(get_num_threads(), out / 64)));
+    // G B and G^T (s P): out in a fixed number of parts, each with its own part of G B to sum, which
+    // the threads take as they go (ChunkQueue: a slower core takes fewer). Summed in part order, so
+    // the result does not depend on the thread count.
+    const Index parts = std::max<Index>(1, std::min<Index>(8, out / 64));
     std::vector<T> partial(static_cast<std::size_t>(parts * n * r_pad), T(0));
-    parallel_for(parts, 1, [&](Index begin, Index end) {
+    parallel_chunks(parts, 1, 1, 1, [&](Index begin, Index end) {
         for (Index t = begin; t < end; ++t)
             grad_b(args, out * t / parts, out * (t + 1) / parts, partial.data() + t * n * r_pad);
     });
     for (Index i = 0; i < n; ++i)
         for (Index j = 0; j < r; ++j) {
             T sum = T(0);
-            for (int t = 0; t < parts; ++t) sum += partial[static_cast<std::size_t>((t * n + i) * r_pad + j)];
+            for (Index t = 0; t < parts; ++t) sum += partial[static_cast<std::size_t>((t * n + i) * r_pad + j)];
             gp[i * r + j] = s * sum;
         }
     if (!exact)
@@ -96,7 +98,7 @@ bool lora_linear_grads(const T* g, Index ldg, const T* x, Index ldx, const T* b,
     const Index blocks = (in + width - 1) / width;
     // ~2 MFLOP per part at least: less does not pay for waking a thread.
     const Index grain = std::max<Index>(1, Index(1 << 20) / std::max<Index>(1, n * args.ldgbs * width));
-    parallel_for(blocks, grain, [&](Index begin, Index end) {
+    parallel_chunks(blocks, grain, 4 * grain, 1, [&](Index begin, Index end) {
         grad_a(args, begin * width, std::min(end * width, in));
     });
     return true;
