@@ -107,21 +107,16 @@ bool takes_outer_product(Isa chosen, Index n) {
 constexpr Index kWeightRowAlign = 24;
 
 template <class T>
-Index weight_rows_per_chunk(Index in) {
-    const Index row_bytes = in * static_cast<Index>(sizeof(T));
-    return row_bytes > 0 ? std::max<Index>(64, (Index(1) << 20) / row_bytes) : 64;
-}
-
-template <class T>
 ChunkQueue weight_row_chunks(Index out, Index in) {
-    const Index min_rows = weight_rows_per_chunk<T>(in);
+    const Index row_bytes = in * static_cast<Index>(sizeof(T));
+    const Index min_rows = row_bytes > 0 ? std::max<Index>(64, (Index(1) << 20) / row_bytes) : 64;
     return ChunkQueue(out, min_rows, 4 * min_rows, kWeightRowAlign, get_num_threads());
 }
 
-template <class T, class Fn>
-void over_weight_rows(Index out, Index in, const Fn& fn) {
-    const Index min_rows = weight_rows_per_chunk<T>(in);
-    parallel_chunks(out, min_rows, 4 * min_rows, kWeightRowAlign, [&](Index first, Index last) { fn(first, last); });
+template <class T>
+void over_weight_rows(Index out, Index in, const std::function<void(Index, Index)>& fn) {
+    ChunkQueue queue = weight_row_chunks<T>(out, in);
+    parallel_chunks(queue, fn);
 }
 
 bool next_chunk_of(void* queue, std::ptrdiff_t* begin, std::ptrdiff_t* end) {

@@ -235,10 +235,11 @@ bool packed_gemm(const GemmArgs<T>& a) {
         // against 91 ms per thread), and an even split waits for the slower one.
         const double tile_flops = 2.0 * static_cast<double>(a.m) * shape.cols * depth;
         const Index grain = std::max<Index>(1, static_cast<Index>(kMinFlopsPerPart / tile_flops));
-        parallel_chunks(col_tiles, std::max<Index>(grain, 2), std::max<Index>(grain, 2 * shape.block_cols / shape.cols), 1,
-                        [&](Index b, Index e) {
-                            compute(0, row_panels, b * shape.cols, std::min(e * shape.cols, a.n));
-                        });
+        const Index min_tiles = std::max<Index>(grain, 2);
+        const Index max_tiles = std::max<Index>(grain, 2 * shape.block_cols / shape.cols);
+        parallel_chunks(col_tiles, min_tiles, max_tiles, 1, [&](Index b, Index e) {
+            compute(0, row_panels, b * shape.cols, std::min(e * shape.cols, a.n));
+        });
     } else {
         const double panel_flops = 2.0 * shape.rows * static_cast<double>(a.n) * depth;
         const Index grain = std::max<Index>(1, static_cast<Index>(kMinFlopsPerPart / panel_flops));

@@ -259,6 +259,7 @@ ChunkQueue::ChunkQueue(Index n, Index min_chunk, Index max_chunk, Index align, i
     min_chunk_ = std::max<Index>((min_chunk + align_ - 1) / align_ * align_, align_);
     max_chunk_ = std::max<Index>(max_chunk / align_ * align_, min_chunk_);
     threads_ = static_cast<int>(std::max<Index>(1, std::min<Index>(threads, (n_ + min_chunk_ - 1) / min_chunk_)));
+    if (threads_ == 1) min_chunk_ = max_chunk_ = std::max<Index>(n_, 1);  // alone: all in one go
 }
 
 bool ChunkQueue::next(Index& begin, Index& end) {
@@ -276,19 +277,19 @@ bool ChunkQueue::next(Index& begin, Index& end) {
     }
 }
 
-void parallel_chunks(Index n, Index min_chunk, Index max_chunk, Index align,
-                     const std::function<void(Index, Index)>& body) {
-    if (n <= 0) return;
-    ChunkQueue queue(n, min_chunk, max_chunk, align, get_num_threads());
-    if (queue.threads() <= 1) {
-        body(0, n);
-        return;
-    }
+void parallel_chunks(ChunkQueue& queue, const std::function<void(Index, Index)>& body) {
     // One part per thread, each taking chunks until none are left.
     parallel_for(queue.threads(), 1, [&](Index, Index) {
         Index begin = 0, end = 0;
         while (queue.next(begin, end)) body(begin, end);
     });
+}
+
+void parallel_chunks(Index n, Index min_chunk, Index max_chunk, Index align,
+                     const std::function<void(Index, Index)>& body) {
+    if (n <= 0) return;
+    ChunkQueue queue(n, min_chunk, max_chunk, align, get_num_threads());
+    parallel_chunks(queue, body);
 }
 
 extern "C" void nplora_blas_threads_callback(int /*sync: always wait*/, BlasJob job, int count,

@@ -24,8 +24,8 @@ void parallel_for(Index n, Index grain, const std::function<void(Index, Index)>&
 // slowed by whatever else shares its core takes fewer chunks instead of holding up the whole call,
 // as an even split does. Chunks shrink as the work runs out (a quarter of what is left per thread,
 // clamped to [min_chunk, max_chunk], a multiple of `align` except the last), so the threads finish
-// close together. Thread-safe; next() is out of line so kernels built for any instruction set can
-// call it.
+// close together; work for one thread is a single chunk. Thread-safe; next() is out of line so
+// kernels built for any instruction set can call it.
 class ChunkQueue {
 public:
     ChunkQueue(Index n, Index min_chunk, Index max_chunk, Index align, int threads);
@@ -40,8 +40,10 @@ private:
     std::atomic<Index> next_{0};
 };
 
-// body(begin, end) over a ChunkQueue's chunks, on up to get_num_threads() threads. Same exception
-// and busy-pool rules as parallel_for (a busy pool leaves every chunk to the caller).
+// body(begin, end) over the queue's chunks, on up to queue.threads() threads. Same exception and
+// busy-pool rules as parallel_for (a busy pool leaves every chunk to the caller).
+void parallel_chunks(ChunkQueue& queue, const std::function<void(Index, Index)>& body);
+// The same over ChunkQueue(n, min_chunk, max_chunk, align, get_num_threads()).
 void parallel_chunks(Index n, Index min_chunk, Index max_chunk, Index align,
                      const std::function<void(Index, Index)>& body);
 
