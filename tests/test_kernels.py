@@ -386,7 +386,8 @@ def test_mixed_and_small_batches_in_chunks_on_any_thread_count(rng):
     # Outputs go to the threads in chunks taken as they finish (72-240 rows of W here), so one
     # thread computes several apart: each row's B term must follow its thread's chunks across the
     # gaps. Batch 64 of 64 adapters and plain batches of the outer-product and dot-product kernels,
-    # against NumPy, on 1 to 5 threads (more threads than cores interleave the chunks anyhow).
+    # against NumPy, on 1 to 5 threads (more threads than cores interleave the chunks anyhow), and
+    # bitwise the same whichever thread computed what.
     fan_in, fan_out, n = 4096, 2011, 64
     weight = rng.standard_normal((fan_out, fan_in)).astype(np.float32)
     config = nplora.LoraConfig(r=16, lora_alpha=32, target_modules=["proj"], init_lora_weights=False)
@@ -407,6 +408,7 @@ def test_mixed_and_small_batches_in_chunks_on_any_thread_count(rng):
     plain = model.layers("a0")["proj"]
     a0, b0 = plain.lora_A.astype(np.float64), plain.lora_B.astype(np.float64)
     before = nplora.get_num_threads()
+    first: dict[object, np.ndarray] = {}
     try:
         for threads in (1, 2, 3, 5):
             nplora.set_num_threads(threads)
@@ -414,11 +416,13 @@ def test_mixed_and_small_batches_in_chunks_on_any_thread_count(rng):
                 y = model.forward("proj", x, adapter_ids=ids)
                 error = np.abs(y - want).max() / np.abs(want).max()
                 assert error < 1e-5, (threads, error)
+                np.testing.assert_array_equal(y, first.setdefault("mixed", y), err_msg=str(threads))
             for rows in (3, 37):
                 got = plain(x[:rows])
                 exact = x64[:rows] @ weight.T.astype(np.float64) + plain.scaling * (x64[:rows] @ a0.T) @ b0.T
                 error = np.abs(got - exact).max() / np.abs(exact).max()
                 assert error < 1e-5, (threads, rows, error)
+                np.testing.assert_array_equal(got, first.setdefault(rows, got), err_msg=str(threads))
     finally:
         nplora.set_num_threads(before)
 
