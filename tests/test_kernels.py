@@ -428,7 +428,7 @@ def test_mixed_and_small_batches_in_chunks_on_any_thread_count(rng):
 
 
 def test_mixed_batches_on_every_instruction_set():
-    # The mixed-batch kernel (adapters' work between the base product's tiles) on each ISA: ranks
+    # The mixed-batch kernel (x A^T, the base product, then the B term per chunk) on each ISA: ranks
     # of 1 to 40 side by side, rows sharing an adapter, base-only rows, against NumPy.
     seen = worst_error_on_every_isa(MIXED_ON_EVERY_ISA)
     assert all(err < 1.0 for err in seen.values()), seen

@@ -106,6 +106,9 @@ bool takes_outer_product(Isa chosen, Index n) {
 // inside a chunk.
 constexpr Index kWeightRowAlign = 24;
 
+// Rows of one A per x A^T task of a mixed batch (the kernel's shrink_task takes up to 8).
+constexpr Index kMixedShrinkRows = 8;
+
 template <class T>
 ChunkQueue weight_row_chunks(Index out, Index in) {
     const Index row_bytes = in * static_cast<Index>(sizeof(T));
@@ -246,14 +249,15 @@ bool mixed_small_batch_linear(const SmallBatchArgs<T>& base, const T* const* a, 
     std::vector<Index> fill(row_begin.begin(), row_begin.end() - 1);
     for (Index i = 0; i < n; ++i)
         if (adapter_of_row[i] >= 0) row_list[static_cast<std::size_t>(fill[static_cast<std::size_t>(adapter_of_row[i])]++)] = i;
-    std::vector<Index> task_adapter, task_row;
+    std::vector<Index> task_adapter, task_row, task_row_end;
     Index ldsp = 1;
     for (Index u = 0; u < adapters; ++u) {
         if (row_begin[static_cast<std::size_t>(u)] == row_begin[static_cast<std::size_t>(u + 1)]) continue;
         ldsp = std::max(ldsp, r[u]);
-        for (Index j = 0; j < r[u]; ++j) {
+        for (Index j = 0; j < r[u]; j += kMixedShrinkRows) {
             task_adapter.push_back(u);
             task_row.push_back(j);
+            task_row_end.push_back(std::min(r[u], j + kMixedShrinkRows));
         }
     }
     std::vector<T> sp(static_cast<std::size_t>(n * ldsp), T(0));
@@ -265,15 +269,10 @@ bool mixed_small_batch_linear(const SmallBatchArgs<T>& base, const T* const* a, 
     args.adapter_of_row = adapter_of_row;
     args.task_adapter = task_adapter.data();
     args.task_row = task_row.data();
+    args.task_row_end = task_row_end.data();
     args.row_begin = row_begin.data();
     args.row_list = row_list.data();
     args.tasks = static_cast<Index>(task_adapter.size());
-    // x A^T done within about the first half of each thread's tiles (of ~6 rows of W each). Over
-    // the first third, A's reads came in denser bursts that slowed the tiles more: at 64 rows of
-    // 64 adapters of rank 16, with the B term's visits below, the adapters added ~1.0 ms to the
-    // base's ~10.2 ms this way against ~1.25 ms before (medians of 10 alternating runs).
-    const Index tiles = std::max<Index>(1, base.out / 6);
-    args.tasks_per_tile = std::max<Index>(1, (2 * args.tasks * get_num_threads() + tiles - 1) / tiles);
     args.sp = sp.data();
     args.ldsp = ldsp;
     args.claimed = &claimed;

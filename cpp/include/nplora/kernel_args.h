@@ -87,13 +87,13 @@ struct LoraGradArgs {
 };
 
 /* A mixed batch (row i runs adapter adapter_of_row[i], or the base alone for -1) on the
-   outer-product kernel: base is the small-batch product for every row (xt packed, no LoRA term);
-   the adapters' work runs between its tiles, so reading A and B overlaps the base's FMAs.
+   outer-product kernel: base is the small-batch product for every row (xt packed, no LoRA term).
    Adapter u has A [r[u], in] and B [out, r[u]], both contiguous, and scaling[u].
-   Task t computes sp[i, j] = scaling[u] x_i . A_u[j, :] for j = task_row[t] and every row i of
-   u = task_adapter[t] (rows_of_adapter: row_list[row_begin[u] .. row_begin[u + 1])), and every
-   output o then gets y[i, o] += B_u[o, :] . sp[i, :]. Tasks are claimed through *claimed and
-   counted done through *finished (GCC atomic builtins: both start at 0). */
+   Task t computes sp[i, j] = scaling[u] x_i . A_u[j, :] for j in [task_row[t], task_row_end[t])
+   (at most 8 rows) and every row i of u = task_adapter[t] (row_list[row_begin[u] ..
+   row_begin[u + 1])); every output o then gets y[i, o] += B_u[o, :] . sp[i, :] after the base
+   product of its chunk. Tasks are claimed through *claimed and counted done through *finished
+   (GCC atomic builtins: both start at 0). */
 template <class T>
 struct MixedBatchArgs {
     SmallBatchArgs<T> base;
@@ -104,10 +104,10 @@ struct MixedBatchArgs {
     const std::ptrdiff_t* adapter_of_row;  /* [n] */
     const std::ptrdiff_t* task_adapter;    /* [tasks] */
     const std::ptrdiff_t* task_row;        /* [tasks] */
+    const std::ptrdiff_t* task_row_end;    /* [tasks] */
     const std::ptrdiff_t* row_begin;       /* [adapters + 1] */
     const std::ptrdiff_t* row_list;
     std::ptrdiff_t tasks;
-    std::ptrdiff_t tasks_per_tile;         /* claimed after each tile until none are left */
     T* sp;                                 /* [n, ldsp] */
     std::ptrdiff_t ldsp;
     std::ptrdiff_t* claimed;
