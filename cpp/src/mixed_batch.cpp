@@ -68,7 +68,8 @@ void mixed_linear_forward(MatrixRef<const T> weight, const T* bias, bool fan_in_
                                     std::to_string(count) + " adapters (-1 is the base model)");
         if (k >= 0) rows_of[static_cast<std::size_t>(k)].push_back(i);
     }
-    // Small batches: the adapters' work runs inside the base product's pass over W.
+    // Small batches: one pass over W for every row (the outer-product kernel), x A^T before it and
+    // each chunk of W's rows followed by its B term (kernels_mixed.inc).
     if (!fan_in_fan_out && n <= kSmallBatchMaxRows) {
         std::vector<const T*> a(adapters.size()), b(adapters.size());
         std::vector<Index> r(adapters.size());
