@@ -106,9 +106,6 @@ bool takes_outer_product(Isa chosen, Index n) {
 // inside a chunk.
 constexpr Index kWeightRowAlign = 24;
 
-// Rows of one A per x A^T task of a mixed batch (the kernel's shrink_task takes up to 8).
-constexpr Index kMixedShrinkRows = 8;
-
 template <class T>
 ChunkQueue weight_row_chunks(Index out, Index in) {
     const Index row_bytes = in * static_cast<Index>(sizeof(T));

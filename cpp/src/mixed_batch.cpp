@@ -59,14 +59,12 @@ void mixed_linear_forward(MatrixRef<const T> weight, const T* bias, bool fan_in_
     const Index in = x.cols;
     const Index out = y.cols;
     const auto count = static_cast<std::int64_t>(adapters.size());
-    std::vector<std::vector<Index>> rows_of(adapters.size());
     for (Index i = 0; i < n; ++i) {
         const std::int64_t k = adapter_of_row[i];
         if (k < -1 || k >= count)
             throw std::out_of_range("adapter index " + std::to_string(k) + " at row " +
                                     std::to_string(i) + " is out of range for " +
                                     std::to_string(count) + " adapters (-1 is the base model)");
-        if (k >= 0) rows_of[static_cast<std::size_t>(k)].push_back(i);
     }
     // Small batches: one pass over W for every row (the outer-product kernel), x A^T before it and
     // each chunk of W's rows followed by its B term (kernels_mixed.inc).
@@ -90,6 +88,9 @@ void mixed_linear_forward(MatrixRef<const T> weight, const T* bias, bool fan_in_
             return;
     }
     linear_product<T>(weight, fan_in_fan_out, bias, x, nullptr, nullptr, 0, y);
+    std::vector<std::vector<Index>> rows_of(adapters.size());
+    for (Index i = 0; i < n; ++i)
+        if (adapter_of_row[i] >= 0) rows_of[static_cast<std::size_t>(adapter_of_row[i])].push_back(i);
 
     // One task per adapter with rows: gather them, run them through A then B, add them back.
     std::vector<Index> used;

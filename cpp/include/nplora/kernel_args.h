@@ -90,10 +90,12 @@ struct LoraGradArgs {
    outer-product kernel: base is the small-batch product for every row (xt packed, no LoRA term).
    Adapter u has A [r[u], in] and B [out, r[u]], both contiguous, and scaling[u].
    Task t computes sp[i, j] = scaling[u] x_i . A_u[j, :] for j in [task_row[t], task_row_end[t])
-   (at most 8 rows) and every row i of u = task_adapter[t] (row_list[row_begin[u] ..
+   (at most kMixedShrinkRows rows) and every row i of u = task_adapter[t] (row_list[row_begin[u] ..
    row_begin[u + 1])); every output o then gets y[i, o] += B_u[o, :] . sp[i, :] after the base
    product of its chunk. Tasks are claimed through *claimed and counted done through *finished
    (GCC atomic builtins: both start at 0). */
+constexpr std::ptrdiff_t kMixedShrinkRows = 8;
+
 template <class T>
 struct MixedBatchArgs {
     SmallBatchArgs<T> base;
