@@ -258,6 +258,35 @@ def test_numpy_blas_on_nplora_threads_never_runs_its_jobs_one_by_one():
     assert out == "ok"
 
 
+def test_numpy_blas_on_nplora_threads_from_two_python_threads_at_once(rng):
+    # OpenBLAS gives every call the same per-thread scratch buffers; through the callback, two
+    # Python threads' products at once overwrote each other's packed panels (both wrong in ~9 of
+    # 10 calls) until the callback ran one call's jobs at a time. A float64 layer's product goes
+    # through the same BLAS, so it is one of the two threads.
+    if not nplora.blas_info()["numpy_blas_on_nplora_threads"]:
+        pytest.skip("NumPy's BLAS here has no caller-managed threading (OpenBLAS >= 0.3.27)")
+    import threading
+
+    w = rng.standard_normal((512, 512))
+    x = rng.standard_normal((256, 512))
+    layer = nplora.LoraLinear(w, r=8, seed=0).eval()  # B = 0: layer(x) is x @ W^T
+    want = {"numpy": x @ w, "numpy_t": x @ w.T, "layer": x @ w.T}
+    compute = {"numpy": lambda: x @ w, "numpy_t": lambda: x @ w.T, "layer": lambda: layer(x)}
+    wrong = {name: 0 for name in want}
+
+    def run(name):
+        for _ in range(40):
+            wrong[name] += not np.allclose(compute[name](), want[name], rtol=1e-12, atol=1e-9)
+
+    for pair in (("numpy", "numpy_t"), ("layer", "numpy")):
+        threads = [threading.Thread(target=run, args=(name,)) for name in pair]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert wrong == {"numpy": 0, "numpy_t": 0, "layer": 0}
+
+
 def test_sharing_threads_can_be_turned_off_at_import():
     script = "import nplora; print(nplora.blas_info()['numpy_blas_on_nplora_threads'])"
     env = dict(os.environ, NPLORA_SHARE_THREADS="0")

@@ -29,6 +29,13 @@ int default_threads() {
 // then runs without the pool: its dispatch mutex may be held by this very thread.
 thread_local bool tls_in_pool_job = false;
 
+// Held for the whole of one BLAS call's jobs (nplora_blas_threads_callback). Never destroyed, like
+// the pool, and made afresh in a forked child.
+std::mutex& blas_call_mutex() {
+    static std::mutex* const instance = new std::mutex();
+    return *instance;
+}
+
 // Workers sleep on a condition variable between jobs; a job is one parallel_for call split into
 // one contiguous range per thread. The caller runs range 0 itself.
 class Pool {
@@ -232,6 +239,7 @@ Pool& pool() {
 void Pool::after_fork_in_child() {
     Pool& p = pool();
     p.workers_.clear();  // leaked on purpose: the threads are gone, their objects must not run
+    new (&blas_call_mutex()) std::mutex();
     new (&p.dispatch_mutex_) std::mutex();
     new (&p.mutex_) std::mutex();
     new (&p.wake_) std::condition_variable();
@@ -298,6 +306,12 @@ extern "C" void nplora_blas_threads_callback(int /*sync: always wait*/, BlasJob 
     // run at once; each gets its own thread_num below `count` (OpenBLAS picks scratch by it).
     // Nothing may be thrown into the C caller: failing to start a thread ends the process (noexcept)
     // rather than running jobs one after another, which would hang on their mutual waits.
+    // One call's jobs at a time: OpenBLAS hands every call the same per-thread-number scratch
+    // buffers (it serialises its own server's calls, not the callback's), so two Python threads
+    // calling NumPy's matmul at once overwrote each other's packed panels (wrong products on both
+    // threads, in 9 of 10 calls). A call that waits here holds nothing the running one needs: that
+    // one falls back to temporary threads if the pool is busy.
+    std::lock_guard<std::mutex> serialised(blas_call_mutex());
     char* const base = static_cast<char*>(jobs);
     pool().run_all_at_once(count, [&](Index i, Index) {
         job(static_cast<int>(i), base + static_cast<std::size_t>(i) * job_size, job_arg);
