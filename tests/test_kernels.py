@@ -87,6 +87,14 @@ def test_swap_is_one_update_with_the_right_result(rng, dtype):
     other = nplora.LoraLinear(weight.copy(), r=2)
     with pytest.raises(ValueError, match="same weight"):
         _core.swap_merged(second._core, other._core)
+    # Views of one buffer start at the same element: the shapes must match too (a (1, n) and an
+    # (n, 1) view of 4M elements crashed the process).
+    reshaped = nplora.LoraLinear(weight.reshape(60, 20), r=2)
+    before = weight.copy()
+    with pytest.raises(ValueError, match=r"40x30 view of it, the other over a 60x20"):
+        nplora.swap_adapters(second, reshaped)
+    np.testing.assert_array_equal(weight, before)
+    assert second.merged and not reshaped.merged
 
 
 # ------------------------------------------------------------------ the core's matrix product

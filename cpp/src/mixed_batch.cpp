@@ -121,8 +121,16 @@ void mixed_linear_forward(MatrixRef<const T> weight, const T* bias, bool fan_in_
 
 template <class T>
 void swap_merged(LoraLinear<T>& from, LoraLinear<T>& to) {
-    if (from.weight().data != to.weight().data)
+    const MatrixRef<T> w_from = from.weight(), w_to = to.weight();
+    if (w_from.data != w_to.data)
         throw std::invalid_argument("swap needs two adapters over the same weight array");
+    // The same first element is not enough: two views of one buffer (W and W.reshape(...)) start
+    // there too, and the update would walk the wrong shape (past the end of the smaller one).
+    if (w_from.rows != w_to.rows || w_from.cols != w_to.cols || w_from.row_stride != w_to.row_stride)
+        throw std::invalid_argument("swap needs two adapters over the same weight array: one is over a " +
+                                    std::to_string(w_from.rows) + "x" + std::to_string(w_from.cols) +
+                                    " view of it, the other over a " + std::to_string(w_to.rows) +
+                                    "x" + std::to_string(w_to.cols) + " view");
     if (!from.merged()) throw std::runtime_error("swap: the adapter to take out is not merged");
     if (to.merged()) throw std::runtime_error("swap: the adapter to put in is already merged");
     if (from.fan_in_fan_out() != to.fan_in_fan_out())
