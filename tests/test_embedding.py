@@ -90,6 +90,21 @@ def test_merge_unmerge_round_trip(rng, dtype, tol, backend):
         emb.backward(np.ones((11, 6), dtype))
 
 
+def test_disabled_adapter_merged_afterwards_still_gives_the_base_rows(rng, dtype, tol):
+    emb, table = make_embedding(rng, dtype)
+    base = table.copy()
+    ids = np.array([3, 0, 10, 3])
+    emb.adapter_enabled = False
+    emb.merge()
+    for training in (False, True):
+        emb.train(training)
+        np.testing.assert_allclose(emb(ids), base[ids], **tol)
+    with pytest.raises(RuntimeError, match="disabled"):
+        emb.backward(np.ones((4, 6), dtype))
+    emb.adapter_enabled = True
+    np.testing.assert_allclose(emb(ids), reference(emb, base, ids), **tol)
+
+
 def test_initialisation_follows_peft():
     table = np.zeros((500, 64))
     default = nplora.LoraEmbedding(table, r=8, seed=5)

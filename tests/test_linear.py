@@ -246,6 +246,49 @@ def test_backward_after_merged_forward_raises(rng):
         layer.backward(np.ones((2, 5)))
 
 
+def test_merge_between_forward_and_backward_drops_what_the_forward_kept(rng):
+    # The forward ran on W; a backward after merge() would read W + s B A and add the LoRA term
+    # again (grad_x off by up to ~1.5 here before merge() dropped the kept activations).
+    for change in ("merge", "unmerge", "swap"):
+        layer, weight, _ = make_layer(rng, np.float64)
+        other = nplora.LoraLinear(weight, r=2, init_lora_weights=False, seed=5)
+        if change == "unmerge":
+            layer.merge()
+            layer.adapter_enabled = True
+        x = rng.standard_normal((3, 7))
+        if change == "swap":
+            layer.merge()
+            other(x)
+            nplora.swap_adapters(layer, other)
+            with pytest.raises(RuntimeError, match="merge, unmerge and swap"):
+                other.backward(np.ones((3, 5)))
+            continue
+        layer(x)
+        getattr(layer, change)()
+        with pytest.raises(RuntimeError, match="merge, unmerge and swap"):
+            layer.backward(np.ones((3, 5)))
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("n", [3, 100])  # the small-batch kernel and the packed product
+def test_disabled_adapter_merged_afterwards_still_gives_the_base_layer(rng, dtype, tol,
+                                                                        fan_in_fan_out, n):
+    layer, weight, bias = make_layer(rng, dtype, fan_in_fan_out=fan_in_fan_out)
+    base = weight.copy()
+    layer.adapter_enabled = False
+    layer.merge()  # allowed (PEFT merges too), but the layer is still disabled
+    assert layer.merged
+    x = rng.standard_normal((n, 7)).astype(dtype)
+    want = x @ (base if fan_in_fan_out else base.T) + bias
+    for training in (False, True):
+        layer.train(training)
+        np.testing.assert_allclose(layer(x), want, **tol)
+    with pytest.raises(RuntimeError, match="disabled"):
+        layer.backward(np.ones((n, 5), dtype=dtype))
+    layer.adapter_enabled = True  # merged, enabled: W + s B A
+    np.testing.assert_allclose(layer(x), reference_forward(layer, x, base, bias), **tol)
+
+
 def test_backward_without_training_forward_raises(rng):
     layer, _, _ = make_layer(rng, np.float64)
     with pytest.raises(RuntimeError, match="forward"):

@@ -50,7 +50,10 @@ void LoraEmbedding<T>::forward(const std::int64_t* ids, Index n, MatrixRef<T> ou
 
     RowMap<T> result = map(out);
     const ConstRowMap<T> table = map(as_const(table_));
-    if (merged_ || !adapter_enabled_) {
+    // Disabled while merged (merge() called with the adapter off): the base rows are the merged
+    // table's rows minus the term, as for LoraLinear.
+    const bool take_out = merged_ && !adapter_enabled_;
+    if ((merged_ || !adapter_enabled_) && !take_out) {
         parallel_for(n, 16, [&](Index begin, Index end) {
             for (Index i = begin; i < end; ++i) result.row(i) = table.row(ids[i]);
         });
@@ -64,12 +67,15 @@ void LoraEmbedding<T>::forward(const std::int64_t* ids, Index n, MatrixRef<T> ou
     // Gather A^T[ids] (n x r), expand it through B in one product, then add the table rows.
     RowMatrix<T> projection(n, r);
     for (Index i = 0; i < n; ++i) projection.row(i) = a_.col(ids[i]).transpose();
-    gemm(Trans::No, Trans::Yes, n, dim_, r, scaling_, projection.data(), r, b_.data(), r, T(0),
-         out.data, out.row_stride);
+    gemm(Trans::No, Trans::Yes, n, dim_, r, take_out ? -scaling_ : scaling_, projection.data(), r,
+         b_.data(), r, T(0), out.data, out.row_stride);
     parallel_for(n, 16, [&](Index begin, Index end) {
         for (Index i = begin; i < end; ++i) result.row(i) += table.row(ids[i]);
     });
-    if (training) {
+    if (training && take_out) {
+        cache_valid_ = true;
+        cache_merged_ = true;
+    } else if (training) {
         cached_ids_.assign(ids, ids + n);
         cached_projection_ = std::move(projection);
         cache_valid_ = true;

@@ -43,6 +43,10 @@ void LoraLinear<T>::forward(MatrixRef<const T> x, MatrixRef<T> y, bool training)
     const Index r = options_.r;
 
     const bool use_adapter = !merged_ && adapter_enabled_;
+    // Disabled while merged (merge() called with the adapter off): the base layer's output is
+    // x (W + s B A)^T - s (x A^T) B^T, the term taken out again rather than unmerging in a forward
+    // (which PEFT does, but a forward here only reads the weight).
+    const bool take_out = merged_ && !adapter_enabled_;
     const bool dropout = use_adapter && training && options_.lora_dropout > 0.0;
     if (!training) clear_cache();
 
@@ -79,7 +83,7 @@ void LoraLinear<T>::forward(MatrixRef<const T> x, MatrixRef<T> y, bool training)
     const bool lora_reads_x = lora_input == x.data && lora_input_stride == x.row_stride;
     RowMatrix<T> projection;
     RowMatrix<T> scaled_projection;
-    if (use_adapter) {
+    if (use_adapter || take_out) {
         projection.resize(n, r);
         std::unique_ptr<SmallBatchPack<T>> packed_input;
         const SmallBatchPack<T>* down_pack = &packed_x;
@@ -93,12 +97,12 @@ void LoraLinear<T>::forward(MatrixRef<const T> x, MatrixRef<T> y, bool training)
         if (!small_batch || !small_batch_linear(down))
             gemm(Trans::No, Trans::Yes, n, r, in_, T(1), lora_input, lora_input_stride, a_.data(),
                  in_, T(0), projection.data(), r);
-        scaled_projection = projection * scaling_;
+        scaled_projection = projection * (take_out ? -scaling_ : scaling_);
     }
 
     // Small batches: one pass over W computes x W^T + bias + (s x A^T) B^T together.
     linear_product<T>(as_const(weight_), fan_in_fan_out_, bias_, x,
-                      use_adapter ? scaled_projection.data() : nullptr, b_.data(), r, y,
+                      use_adapter || take_out ? scaled_projection.data() : nullptr, b_.data(), r, y,
                       fan_in_fan_out_ ? nullptr : &packed_x);
 
     if (training) {
@@ -111,7 +115,9 @@ void LoraLinear<T>::forward(MatrixRef<const T> x, MatrixRef<T> y, bool training)
 template <class T>
 void LoraLinear<T>::backward(MatrixRef<const T> grad_y, MatrixRef<T> grad_x) {
     if (!cache_valid_)
-        throw std::runtime_error("backward() needs a forward() in training mode first");
+        throw std::runtime_error(
+            "backward() needs a forward() in training mode first (merge, unmerge and swap drop "
+            "what the last one kept: the weight it ran with is gone)");
     if (cache_merged_)
         throw std::runtime_error(
             "backward() after a forward through merged weights (or with the adapter disabled): "
@@ -190,6 +196,7 @@ bool LoraLinear<T>::merge() {
     if (weight_read_only_) throw std::invalid_argument(kReadOnlyMessage);
     add_delta_to(weight_, T(1));
     merged_ = true;
+    clear_cache();  // a backward now would pair the last forward with a weight it did not use
     return true;
 }
 
@@ -198,6 +205,7 @@ bool LoraLinear<T>::unmerge() {
     if (!merged_) return false;
     add_delta_to(weight_, T(-1));
     merged_ = false;
+    clear_cache();
     return true;
 }
 

@@ -66,7 +66,10 @@ public:
 
     void zero_grad();
     // For swap_merged, which changes the weight itself: records what it did.
-    void set_merged_flag(bool merged) { merged_ = merged; }
+    void set_merged_flag(bool merged) {
+        merged_ = merged;
+        clear_cache();
+    }
     // Re-draws A and B as PEFT initialises them, and the dropout stream, from `seed`.
     void reset_lora_parameters(InitMode mode, std::uint64_t seed);
     // Frees what the last training-mode forward kept.
