@@ -88,6 +88,14 @@ def test_assigning_a_parameter_copies_into_shared_memory(rng, dtype):
         layer.lora_B = new.T
     with pytest.raises(ValueError, match=r"lora_A must have shape \(3, 7\), got \(3,\)"):
         layer.lora_A = np.zeros(3)
+    # A view of the parameter itself, as NumPy's a[...] = a[::-1] gets it right.
+    flipped = layer.lora_A[::-1].copy()
+    layer.lora_A = layer.lora_A[::-1]
+    np.testing.assert_array_equal(layer.lora_A, flipped)
+    square, _, _ = make_layer(rng, dtype, in_features=4, out_features=4, r=4)
+    transposed = square.lora_B.T.copy()
+    square.lora_B = square.lora_B.T
+    np.testing.assert_array_equal(square.lora_B, transposed)
 
 
 def finite_difference(f, array, h):

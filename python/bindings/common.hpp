@@ -8,6 +8,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -69,9 +70,13 @@ void assign_matrix(RowMatrix<T>& m, const py::array_t<T, py::array::forcecast>& 
     if (value.ndim() != 2 || value.shape(0) != m.rows() || value.shape(1) != m.cols())
         throw std::invalid_argument(std::string(name) + " must have shape " +
                                     shape_str(m.rows(), m.cols()) + ", got " + shape_of(value));
+    // Through a copy: `value` may be a view of m itself (layer.lora_A = layer.lora_A[::-1]),
+    // which an element-by-element copy overwrites as it reads. A and B are small.
     auto in = value.template unchecked<2>();
+    RowMatrix<T> copy(m.rows(), m.cols());
     for (Index i = 0; i < m.rows(); ++i)
-        for (Index j = 0; j < m.cols(); ++j) m(i, j) = in(i, j);
+        for (Index j = 0; j < m.cols(); ++j) copy(i, j) = in(i, j);
+    std::copy(copy.data(), copy.data() + copy.size(), m.data());
 }
 
 template <class T>
