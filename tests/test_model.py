@@ -187,6 +187,66 @@ def test_mixed_batch_matches_per_row_reference(rng):
         model.forward(path, x, adapter_ids=[5] * 7)
 
 
+def test_mixed_batch_follows_disabled_adapters_and_checks_every_id(rng):
+    weights = toy_weights(rng)
+    weights["model.layers.0.self_attn.q_proj.bias"] = weights[
+        "model.layers.0.self_attn.q_proj.bias"].astype(np.float64)  # not the weight's dtype
+    config = LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False)
+    model = LoraModel(weights, config, seed=0)
+    path, table = "model.layers.0.self_attn.q_proj", weights["model.embed_tokens.weight"]
+    w, b = weights[path + ".weight"], weights[path + ".bias"]
+    x = rng.standard_normal((3, HIDDEN)).astype(np.float32)
+    tokens = np.array([1, 2, 3])
+    with_adapter = model.forward(path, x, adapter_ids=[0, 0, -1])
+    assert not np.allclose(with_adapter[0], x[0] @ w.T + b, rtol=1e-4)
+    np.testing.assert_allclose(with_adapter[2], x[2] @ w.T + b, rtol=1e-5, atol=1e-6)
+    with model.disable_adapter():  # as PEFT: disabled adapters leave every row to the base
+        np.testing.assert_allclose(model.forward(path, x, adapter_ids=[0, 0, -1]), x @ w.T + b,
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            model.forward("model.embed_tokens", tokens, adapter_ids=[0, 0, 0]), table[tokens])
+    # An id the plain forward rejects is rejected here too (NumPy's table[-1] is the last row).
+    for bad in (-1, VOCAB):
+        with pytest.raises(IndexError, match=f"index {bad} at position 1 is out of range"):
+            model.forward("model.embed_tokens", np.array([0, bad]), adapter_ids=[0, 0])
+    # An unsigned 2**64 - 1 is not -1 (the base model).
+    with pytest.raises(IndexError, match="18446744073709551615 is out of range"):
+        model.forward(path, x, adapter_ids=np.array([0, 0, 2**64 - 1], dtype=np.uint64))
+
+
+def test_base_weights_in_other_layouts_and_dtypes(rng):
+    weights = toy_weights(rng)
+    path = "model.layers.0.self_attn.q_proj"
+    weights[path + ".weight"] = np.asfortranarray(weights[path + ".weight"])
+    model = LoraModel(weights, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
+                      seed=0)
+    model.add_adapter("other", LoraConfig(r=3, target_modules=["q_proj"], init_lora_weights=False),
+                      seed=1)
+    first, second = model.layers("default")[path], model.layers("other")[path]
+    assert np.shares_memory(first.weight, second.weight)  # one C copy, shared by both adapters
+    x = rng.standard_normal((4, HIDDEN)).astype(np.float32)
+    mixed = model.forward(path, x, adapter_ids=[0, 1, -1, 0])
+    np.testing.assert_allclose(mixed[1], second(x[1]), rtol=1e-5, atol=1e-6)
+    model.merge_adapter()
+    model.set_adapter("other")  # a swap over the shared weight
+    assert second.merged and not first.merged
+    want = x @ (weights[path + ".weight"] + second.delta_weight()).T + weights[path + ".bias"]
+    np.testing.assert_allclose(model.forward(path, x), want, rtol=1e-5, atol=1e-5)
+    # A float16 or bfloat16 base's bias is widened with its weight (a bfloat16 bias was refused).
+    try:
+        import ml_dtypes
+        halves_of = [np.float16, ml_dtypes.bfloat16]
+    except ImportError:
+        halves_of = [np.float16]
+    for half in halves_of:
+        halves = {k: v.astype(half) for k, v in toy_weights(rng).items()}
+        half_model = LoraModel(halves, LoraConfig(r=2, target_modules=["q_proj"]), seed=0)
+        got = half_model.forward(path, x)
+        want = x @ halves[path + ".weight"].astype(np.float32).T + halves[path + ".bias"].astype(
+            np.float32)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_mixed_batch_core_takes_only_layers_of_the_weights_shape(rng):
     # The core reads each adapter's A, B and scaling from its layer: a layer of another width, a
     # None or a layer of the other dtype is refused, not read past its end.

@@ -19,6 +19,10 @@ def adapter_indices(adapter_ids: Any, names: Sequence[str], shape: tuple[int, ..
     raw = np.asarray(adapter_ids, dtype=object if not isinstance(adapter_ids, np.ndarray) else None)
     if raw.shape != shape:
         raise ValueError(f"adapter_ids must have shape {shape} (one per row), got {raw.shape}")
+    if raw.dtype.kind == "u" and raw.size and int(raw.max()) >= len(names):
+        # Before the cast to int64, where 2**64 - 1 would become -1 (the base model).
+        raise IndexError(f"adapter index {int(raw.max())} is out of range for {len(names)} "
+                         "adapters (-1 is the base model)")
     if raw.dtype.kind in "iu":
         indices = raw.astype(np.int64)
     else:
@@ -41,17 +45,22 @@ def adapter_indices(adapter_ids: Any, names: Sequence[str], shape: tuple[int, ..
 
 
 def mixed_forward(module: Any, names: Sequence[str], x: Any, adapter_ids: Any) -> np.ndarray:
-    """Base output for every row, plus, per row, the LoRA branch of that row's adapter."""
+    """Base output for every row, plus, per row, the LoRA branch of that row's adapter.
+
+    Rows whose adapter this module lacks, or whose layer is disabled (``adapter_enabled`` False,
+    as under ``disable_adapter()``), get the base output alone, as in PEFT.
+    """
     if module.kind == "embedding":
         ids = as_ids(x)
         rows = ids.reshape(-1)
         table = module.weight
+        next(iter(module.layers.values()))._core.check_ids(rows)  # table[-1] would be the last row
         out = np.asarray(table[rows], dtype=table.dtype)
         indices = adapter_indices(adapter_ids, names, ids.shape).reshape(-1)
         for k, name in enumerate(names):
             layer = module.layers.get(name)
             selected = np.nonzero(indices == k)[0]
-            if layer is None or selected.size == 0:
+            if layer is None or not layer.adapter_enabled or selected.size == 0:
                 continue
             a, b = layer.lora_embedding_A, layer.lora_embedding_B
             out[selected] += layer.scaling * (a.T[rows[selected]] @ b.T)
@@ -63,14 +72,15 @@ def mixed_forward(module: Any, names: Sequence[str], x: Any, adapter_ids: Any) -
     x = as_input(x, weight.dtype, in_features)
     batch_shape = x.shape[:-1]
     indices = adapter_indices(adapter_ids, names, batch_shape).reshape(-1)
-    # Adapters this module lacks run the base alone on their rows, as in PEFT.
     present = [module.layers.get(name) for name in names]
-    remap = np.array([i if layer is not None else -1 for i, layer in enumerate(present)] + [-1])
+    remap = np.array([i if layer is not None and layer.adapter_enabled else -1
+                      for i, layer in enumerate(present)] + [-1])
     indices = remap[indices]  # -1 maps through the last entry
     layers = [layer if layer is not None else first for layer in present]
     y = np.empty(batch_shape + (first.out_features,), dtype=weight.dtype)
     _core.mixed_linear_forward(
-        weight, module.bias, first.fan_in_fan_out, x.reshape(-1, in_features),
+        weight, None if module.bias is None else np.ascontiguousarray(module.bias),
+        first.fan_in_fan_out, x.reshape(-1, in_features),
         y.reshape(-1, first.out_features), [layer._core for layer in layers],
         np.ascontiguousarray(indices, dtype=np.int64))
     return y

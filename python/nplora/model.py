@@ -10,6 +10,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from ._arrays import as_weight
 from ._guard import reading_all, writing_all
 from .adapters import (
     DEFAULT_ADAPTER,
@@ -63,7 +64,9 @@ class LoraModel:
         Hugging Face-named weights (``"model.layers.0.self_attn.q_proj.weight"`` [out, in],
         ``"….bias"`` [out]); a lazily loaded, memory-mapped mapping works (see
         ``nplora.open_weights``). Targeted weights that are C-contiguous float32/float64 are used
-        in place (in-place merges write into them); float16/bfloat16 ones are widened to float32.
+        in place (in-place merges write into them); float16/bfloat16 ones are widened to float32,
+        and other layouts (Fortran order, strided views) copied once to C order: in-place merges
+        write into those copies, which all of a module's adapters share.
     config : LoraConfig
         Which modules get an adapter (target_modules, exclude_modules, layers_to_transform, ...),
         and with which rank, alpha and initialisation.
@@ -127,10 +130,15 @@ class LoraModel:
         weight = self.base_weights[path + ".weight"]
         if np.dtype(weight.dtype) not in (np.float32, np.float64):
             weight = np.asarray(weight, dtype=np.float32)  # float16/bfloat16: widened once
+        # Once here, not per layer: a weight in another layout (Fortran order) gets one C copy that
+        # all of the module's adapters share, as merges and swaps need.
+        weight = as_weight(weight, f"{path}.weight")
         bias = None
         if kind == "linear" and path + ".bias" in self.base_weights:
             bias = np.asarray(self.base_weights[path + ".bias"])
-        module = _Module(path, kind, np.asarray(weight), bias)
+            if bias.dtype != weight.dtype:  # a bfloat16 base's bias too, with its weight
+                bias = np.asarray(bias, dtype=weight.dtype)
+        module = _Module(path, kind, weight, bias)
         self._modules[path] = module
         return module
 
@@ -395,7 +403,9 @@ class LoraModel:
         x : array_like, shape (..., in_features), or integer ids (...) for an embedding
         adapter_ids : array_like, shape x.shape[:-1] (ids.shape for an embedding), optional
             A mixed batch: per row, the adapter to use, as an adapter name or an index into
-            ``adapter_names``; ``-1``, ``None`` or ``"__base__"`` runs the base model alone.
+            ``adapter_names``; ``-1``, ``None`` or ``"__base__"`` runs the base model alone, as
+            do disabled adapters (``disable_adapter()``). A mixed batch is for inference: no
+            dropout, and nothing is kept for a backward.
 
         Returns
         -------
