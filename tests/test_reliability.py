@@ -240,6 +240,22 @@ def test_a_failed_save_leaves_the_previous_adapter(tmp_path: Path, monkeypatch: 
     with pytest.raises(ValueError, match="r must be"):
         model.save_adapter(tmp_path / "adapter")
     assert file_bytes(tmp_path / "adapter") == saved
+    # Valid, but not JSON: this failed only after the new weights had replaced the old ones.
+    model.peft_config["default"].r = 3
+    model.peft_config["default"].extra["note"] = np.float32(1.5)
+    with pytest.raises(TypeError, match="cannot be written as JSON"):
+        model.save_adapter(tmp_path / "adapter")
+    assert file_bytes(tmp_path / "adapter") == saved
+
+
+def test_saved_files_get_the_umasks_permissions(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        make_model(np.float32).save_adapter(tmp_path)
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}
 
 
 KILLED_SAVE = r"""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,6 +227,15 @@ def read_adapter(directory: str | os.PathLike[str], adapter_name: str | None = N
     return config, modules
 
 
+def _new_temporary(target: Path, made: list[Path]) -> Path:
+    """A new empty file beside `target` (recorded in `made`), with the umask's permissions, as
+    PEFT's files get (0600, as mkstemp makes them, keeps other users and serving processes out)."""
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    made.append(temporary)
+    return temporary
+
+
 def write_adapter(directory: str | os.PathLike[str], config: LoraConfig,
                   modules: Mapping[str, AdapterModule], adapter_name: str | None = None) -> Path:
     """Write an adapter in PEFT's format, each file atomically (temporary file, then rename).
@@ -235,7 +244,9 @@ def write_adapter(directory: str | os.PathLike[str], config: LoraConfig,
     """
     from safetensors.numpy import save_file
 
-    config.to_dict()  # validates: a bad config must fail before new weights replace the old ones
+    # Serialised first: a config that cannot be written fails before any file is touched (it used
+    # to fail after new weights had replaced the old ones, which then loaded with the old alpha).
+    config_text = config.to_json_text()
     folder = adapter_directory(directory, adapter_name)
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}
@@ -246,15 +257,25 @@ def write_adapter(directory: str | os.PathLike[str], config: LoraConfig,
             names = (f"{KEY_PREFIX}{path}.lora_A.weight", f"{KEY_PREFIX}{path}.lora_B.weight")
         tensors[names[0]] = np.ascontiguousarray(module.lora_A)
         tensors[names[1]] = np.ascontiguousarray(module.lora_B)
-    # Weights first, then the config: a reader never sees a config naming tensors not yet there.
-    handle, temporary = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.", dir=folder)
-    os.close(handle)
+    # Both files written in full beside their targets, then renamed weights first: a reader never
+    # sees a config naming tensors not yet there, and a failure before the renames leaves the
+    # previous adapter as it was.
+    temporaries: list[Path] = []
     try:
-        save_file(tensors, temporary, metadata={"format": "pt"})
-        os.replace(temporary, folder / WEIGHTS_NAME)
+        weights_tmp = _new_temporary(folder / WEIGHTS_NAME, temporaries)
+        config_tmp = _new_temporary(folder / CONFIG_NAME, temporaries)
+        save_file(tensors, weights_tmp, metadata={"format": "pt"})
+        # safetensors makes its file 0600 whatever was there: give it the config's mode.
+        os.chmod(weights_tmp, config_tmp.stat().st_mode & 0o777)
+        with open(config_tmp, "w", encoding="utf-8") as fh:
+            fh.write(config_text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(weights_tmp, folder / WEIGHTS_NAME)
+        os.replace(config_tmp, folder / CONFIG_NAME)
     except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        for temporary in temporaries:
+            if temporary.exists():
+                temporary.unlink()
         raise
-    config.to_json(folder / CONFIG_NAME)
     return folder

@@ -432,6 +432,19 @@ class LoraConfig:
         extra = {k: copy.deepcopy(v) for k, v in d.items() if k not in modelled}
         return cls(**known, extra=extra)
 
+    def to_json_text(self) -> str:
+        """The config as the JSON text ``to_json`` writes (validated; TypeError if ``extra`` holds
+        something JSON cannot represent, e.g. a NumPy scalar).
+
+        Returns
+        -------
+        str
+        """
+        try:
+            return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        except TypeError as error:
+            raise TypeError(f"the config cannot be written as JSON: {error}") from None
+
     def to_json(self, path: str | os.PathLike[str]) -> None:
         """Write the config as JSON, atomically (a temp file in the same directory, then rename).
 
@@ -441,7 +454,7 @@ class LoraConfig:
             Destination file; a reader never sees it half-written.
         """
         path = os.fspath(path)
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        text = self.to_json_text()
         directory, base = os.path.split(os.path.abspath(path))
         tmp = os.path.join(directory, f".{base}.{uuid.uuid4().hex}.tmp")
         # os.open with 0o666 keeps the umask's permissions, which mkstemp's 0o600 would not.
