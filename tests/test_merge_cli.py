@@ -45,6 +45,8 @@ def base_tensors(dtype, *, fan_in_fan_out: bool = False, seed: int = 0) -> dict[
         tensors[f"{prefix}.input_layernorm.weight"] = np.ones(HIDDEN, dtype)
     tensors["model.norm.weight"] = np.ones(HIDDEN, dtype)
     tensors["model.position_ids"] = np.arange(8, dtype=np.int64)[None]
+    tensors["model.no_rows"] = np.zeros((0, HIDDEN), dtype)  # no rows to merge or copy in blocks
+    tensors["model.no_elements"] = np.zeros((3, 0), dtype)
     tensors["lm_head.weight"] = rng.standard_normal((VOCAB, HIDDEN)).astype(dtype)
     return tensors
 
@@ -66,6 +68,8 @@ def write_model(folder: Path, tensors: dict[str, np.ndarray], shards: int = 3) -
     (folder / "extra").mkdir()
     (folder / "extra" / "notes.txt").write_text("kept")
     (folder / "pytorch_model.bin").write_bytes(b"unmerged weights in another format")
+    (folder / "extra" / "original").mkdir()  # as a Llama snapshot's original/consolidated.00.pth
+    (folder / "extra" / "original" / "consolidated.00.pth").write_bytes(b"unmerged weights again")
 
 
 def make_adapter(folder: Path, *, fan_in_fan_out: bool = False, use_rslora: bool = False, seed: int = 1,
@@ -131,12 +135,14 @@ def test_merge_sharded_model_matches_numpy(tmp_path: Path, dtype_name: str) -> N
     config, modules = make_adapter(tmp_path / "adapter")
     report = merge_cli.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progress=False)
     assert (report.merged, report.copied, report.files) == (len(modules), len(tensors) - len(modules), 3)
-    assert report.skipped_files == ["pytorch_model.bin"] and report.peak_rss > 0
+    assert report.skipped_files == ["extra/original/consolidated.00.pth", "pytorch_model.bin"]
+    assert report.peak_rss > 0
     assert_merged(tmp_path / "out", expected_merge(tensors, config, modules), modules, dtype_name)
     base, out = tmp_path / "base", tmp_path / "out"
     assert sorted(os.listdir(out)) == sorted(set(os.listdir(base)) - {"pytorch_model.bin"})
     for name in (INDEX_NAME, "config.json", "tokenizer.json", "extra/notes.txt"):
         assert (out / name).read_bytes() == (base / name).read_bytes(), name
+    assert os.listdir(out / "extra" / "original") == []
     with open_weights(base) as before, open_weights(out) as after:
         assert after.shards == before.shards
         assert all(after.shard_of(n) == before.shard_of(n) for n in before)
@@ -303,7 +309,7 @@ def test_cli_merge_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[str
             "--out", str(tmp_path / "out")]
     assert main(argv + ["--quiet"]) == 0
     captured = capsys.readouterr()
-    assert "merged 10 tensor(s), copied 15, in 3 file(s)" in captured.out and "peak RSS" in captured.out
+    assert "merged 10 tensor(s), copied 17, in 3 file(s)" in captured.out and "peak RSS" in captured.out
     assert captured.err == ""
     assert main(argv) == 1
     assert "nplora merge: error:" in capsys.readouterr().err

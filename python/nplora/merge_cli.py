@@ -184,8 +184,8 @@ def _write_file(weights: LazyWeights, shard: str, path: str, plan: dict[str, Ada
         for name in names:
             shape, dtype = weights.shape_of(name), out_dtype(name)
             module = plan.get(name)
-            if not shape:
-                writer.write(name, _cast(weights[name], dtype, name))
+            if not shape or 0 in shape:  # a scalar, or no elements: no rows to step through
+                writer.write(name, _cast(np.asarray(weights[name]).reshape(shape), dtype, name))
             else:
                 wide = np.dtype(np.float64 if np.float64 in (weights.dtype_of(name), dtype) else np.float32)
                 for start, stop in _blocks(shape[0], math.prod(shape[1:])):
@@ -209,10 +209,19 @@ def _copy_extras(base: str, shards: list[str], dest: str, report: MergeReport) -
         source = os.path.join(base, entry)
         if entry in shards or entry in (INDEX_NAME, SINGLE_NAME) or entry.startswith("."):
             continue
-        if entry.endswith(_WEIGHT_SUFFIXES):
+        if os.path.isdir(source):
+            # Weights in sub-folders too (a Llama snapshot's original/consolidated.00.pth, 16 GB,
+            # holds the unmerged model as well).
+            def skip_weights(folder: str, names: list[str]) -> set[str]:
+                skipped = {n for n in names if n.endswith(_WEIGHT_SUFFIXES)
+                           and not os.path.isdir(os.path.join(folder, n))}
+                report.skipped_files.extend(
+                    os.path.relpath(os.path.join(folder, n), base) for n in sorted(skipped))
+                return skipped
+
+            shutil.copytree(source, os.path.join(dest, entry), ignore=skip_weights)
+        elif entry.endswith(_WEIGHT_SUFFIXES):
             report.skipped_files.append(entry)
-        elif os.path.isdir(source):
-            shutil.copytree(source, os.path.join(dest, entry))
         else:
             shutil.copy2(source, os.path.join(dest, entry))
 
