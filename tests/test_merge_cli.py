@@ -233,6 +233,7 @@ def test_refuses_to_write_over_its_inputs(tmp_path: Path) -> None:
 def test_shape_mismatch_names_the_key_and_writes_nothing(tmp_path: Path) -> None:
     tensors = base_tensors(np.float32)
     tensors["model.layers.1.mlp.up_proj.weight"] = np.zeros((2 * HIDDEN, HIDDEN + 1), np.float32)
+    tensors["model.layers.2.mlp.up_proj.weight"] = np.zeros((HIDDEN, 2 * HIDDEN), np.float32)  # (in, out)
     del tensors["model.layers.2.self_attn.q_proj.weight"]
     write_model(tmp_path / "base", tensors)
     make_adapter(tmp_path / "adapter")
@@ -240,7 +241,8 @@ def test_shape_mismatch_names_the_key_and_writes_nothing(tmp_path: Path) -> None
         merge_cli.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progress=False)
     message = str(error.value)
     assert "model.layers.1.mlp.up_proj.weight: the base weight has shape (32, 17)" in message
-    assert "needs (32, 16)" in message
+    assert "needs (32, 16)" in message and message.count("it fits fan_in_fan_out=True") == 1
+    assert "model.layers.2.mlp.up_proj.weight: the base weight has shape (16, 32)" in message
     assert "has no base weight 'model.layers.2.self_attn.q_proj.weight'" in message
     assert sorted(os.listdir(tmp_path)) == ["adapter", "base"]
 

@@ -303,6 +303,14 @@ def test_half_precision_bases_are_widened(rng):
     assert merged["model.layers.0.self_attn.q_proj.weight"].dtype == np.float16
 
 
+def error_of(function, *args):
+    try:
+        function(*args)
+    except Exception as error:  # noqa: BLE001 - the test looks at whichever error it was
+        return error
+    raise AssertionError("no error")
+
+
 def test_loading_checks_every_tensor(rng, tmp_path):
     weights = toy_weights(rng)
     model = LoraModel(weights, LoraConfig(r=2, target_modules=["q_proj"]))
@@ -312,6 +320,13 @@ def test_loading_checks_every_tensor(rng, tmp_path):
     with pytest.raises(nplora.AdapterMismatchError,
                        match=r"model.layers.1.self_attn.q_proj.weight has shape \(8, 6\).*need \(8, 8\)"):
         nplora.load_adapter(tmp_path, smaller)
+    assert "fits fan_in_fan_out" not in str(error_of(nplora.load_adapter, tmp_path, smaller))
+    transposed = dict(weights)  # one v_proj stored (in, out), as a GPT-2 Conv1D weight is
+    transposed["model.layers.0.self_attn.v_proj.weight"] = np.zeros((HIDDEN, 4), np.float32)
+    v_model = LoraModel(weights, LoraConfig(r=2, target_modules=["v_proj"]))
+    v_model.save_adapter(tmp_path / "v")
+    with pytest.raises(nplora.AdapterMismatchError, match=r"need \(4, 8\) \(it fits fan_in_fan_out=True"):
+        nplora.load_adapter(tmp_path / "v", transposed)
     missing = {k: v for k, v in weights.items() if not k.startswith("model.layers.2.self_attn.q_proj")}
     with pytest.raises(nplora.AdapterMismatchError, match="base weights have no"):
         nplora.load_adapter(tmp_path, missing)

@@ -87,6 +87,15 @@ class AdapterModule:
         out_features, in_features = self.lora_B.shape[0], self.lora_A.shape[1]
         return (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
 
+    def orientation_hint(self, actual: tuple[int, ...] | None, fan_in_fan_out: bool) -> str:
+        """For a shape mismatch: a note when the base weight fits the other orientation."""
+        if self.kind != "linear" or actual != self.base_shape(not fan_in_fan_out):
+            return ""
+        return (f" (it fits fan_in_fan_out={not fan_in_fan_out}: PEFT saves one fan_in_fan_out "
+                "for the whole adapter, the last module's, so an adapter on both GPT-2-style "
+                "Conv1D and nn.Linear modules has the wrong one for some of them; nplora uses the "
+                "config's for every module)")
+
 
 def check_adapter_name(name: str) -> str:
     """`name` if it is a safe adapter name (it becomes a folder name): no separators, no ``..``."""

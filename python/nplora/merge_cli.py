@@ -113,7 +113,8 @@ def _plan(weights: LazyWeights, modules: dict[str, AdapterModule], config: LoraC
         elif weights.shape_of(key) != expected:
             problems.append(f"{key}: the base weight has shape {weights.shape_of(key)}, the adapter "
                             f"({module.kind}, lora_A {module.lora_A.shape}, lora_B {module.lora_B.shape}) "
-                            f"needs {expected}")
+                            f"needs {expected}"
+                            + module.orientation_hint(weights.shape_of(key), config.fan_in_fan_out))
         elif weights.dtype_of(key) not in floats:
             problems.append(f"{key}: dtype {weights.dtype_of(key)} cannot be merged into (needs a float dtype)")
         else:

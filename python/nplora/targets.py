@@ -123,7 +123,8 @@ def check_adapter_modules(config: LoraConfig, modules: Mapping[str, AdapterModul
         if actual != expected:
             raise AdapterMismatchError(
                 f"{key} has shape {actual}, but the adapter's lora_A {record.lora_A.shape} and "
-                f"lora_B {record.lora_B.shape} need {expected}")
+                f"lora_B {record.lora_B.shape} need {expected}"
+                + record.orientation_hint(actual, config.fan_in_fan_out))
     kinds = {p: m.kind for p, m in modules.items()}
     targeted = {p for p in paths
                 if is_target(config, p, kinds[p] == "embedding" if p in kinds else is_embedding(p))}
