@@ -29,6 +29,14 @@ def test_bad_options(kwargs, error, match):
             nplora.LoraEmbedding(np.zeros((3, 4)), **kwargs)
 
 
+def test_a_scaling_beyond_the_layers_dtype_is_refused():
+    # Finite in float64, infinite in float32: every float32 output was NaN, even with B = 0.
+    for layer in (nplora.LoraLinear, nplora.LoraEmbedding):
+        with pytest.raises(ValueError, match="lora_alpha=1e\\+39 gives a scaling of 5e\\+38, beyond float32"):
+            layer(np.zeros((3, 4), np.float32), r=2, lora_alpha=1e39)
+        assert layer(np.zeros((3, 4)), r=2, lora_alpha=1e39).scaling == 5e38
+
+
 @pytest.mark.parametrize("weight,error,match", [
     (np.zeros(4), ValueError, r"weight must be 2-D, got shape \(4,\)"),
     (np.zeros((2, 3, 4)), ValueError, r"weight must be 2-D, got shape \(2, 3, 4\)"),
@@ -91,7 +99,9 @@ def test_threads_setting():
         nplora.set_num_threads(0)
     with pytest.raises(TypeError):
         nplora.set_num_threads(1.5)
+    with pytest.raises(ValueError, match="n must be <= 65536, got 2147483648"):
+        nplora.set_num_threads(2**31)  # was pybind's TypeError about incompatible arguments
     before = nplora.get_num_threads()
-    nplora.set_num_threads(1)
+    nplora.set_num_threads(np.int64(1))
     assert nplora.get_num_threads() == 1
     nplora.set_num_threads(before)

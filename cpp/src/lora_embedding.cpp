@@ -16,7 +16,7 @@ LoraEmbedding<T>::LoraEmbedding(MatrixRef<T> table, Index padding_idx, const Lor
       options_(options),
       num_(table.rows),
       dim_(table.cols),
-      scaling_(static_cast<T>(lora_scaling(options.r, options.lora_alpha, options.use_rslora))) {
+      scaling_(layer_scaling<T>(options)) {
     validate(options);
     if (table.rows < 1 || table.cols < 1)
         throw std::invalid_argument("weight must not be empty, got shape " +

@@ -20,7 +20,7 @@ LoraLinear<T>::LoraLinear(MatrixRef<T> weight, const T* bias, bool fan_in_fan_ou
       options_(options),
       in_(fan_in_fan_out ? weight.rows : weight.cols),
       out_(fan_in_fan_out ? weight.cols : weight.rows),
-      scaling_(static_cast<T>(lora_scaling(options.r, options.lora_alpha, options.use_rslora))),
+      scaling_(layer_scaling<T>(options)),
       dropout_rng_(options.seed ^ 0xD1B54A32D192ED03ull) {
     validate(options);
     if (weight.rows < 1 || weight.cols < 1)

@@ -3,6 +3,7 @@
 #include "nplora/random.hpp"
 
 #include <cmath>
+#include <cstdio>
 #include <string>
 
 namespace nplora {
@@ -26,6 +27,23 @@ double lora_scaling(Index r, double lora_alpha, bool use_rslora) {
     const double rank = static_cast<double>(r);
     return use_rslora ? lora_alpha / std::sqrt(rank) : lora_alpha / rank;
 }
+
+template <class T>
+T layer_scaling(const LoraOptions& options) {
+    validate(options);  // first: r = 0 is that error, not an infinite scaling
+    const double scaling = lora_scaling(options.r, options.lora_alpha, options.use_rslora);
+    const T in_type = static_cast<T>(scaling);
+    if (!std::isfinite(in_type)) {
+        char text[160];
+        std::snprintf(text, sizeof text, "lora_alpha=%g gives a scaling of %g, beyond %s's range",
+                      options.lora_alpha, scaling, sizeof(T) == sizeof(float) ? "float32" : "float64");
+        throw std::invalid_argument(text);
+    }
+    return in_type;
+}
+
+template float layer_scaling<float>(const LoraOptions&);
+template double layer_scaling<double>(const LoraOptions&);
 
 namespace {
 

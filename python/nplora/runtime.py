@@ -14,6 +14,10 @@ import os
 from typing import Any
 
 from . import _core
+from ._arrays import check_int
+
+# Far past any machine's cores, short of what a C int holds (the core takes one).
+MAX_THREADS = 1 << 16
 
 # (sgemm symbol, dgemm symbol, 64-bit integers)
 _CBLAS_SYMBOLS = (
@@ -203,10 +207,9 @@ def set_num_threads(n: int) -> None:
     n : int
         Number of threads, >= 1.
     """
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"n must be an int, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    n = check_int("n", n, 1)  # a NumPy integer too
+    if n > MAX_THREADS:
+        raise ValueError(f"n must be <= {MAX_THREADS}, got {n}")
     _core.set_num_threads(n)
     if _shared["numpy_blas_on_nplora_threads"]:
         from threadpoolctl import threadpool_limits

@@ -28,6 +28,11 @@ void validate(const LoraOptions& options);
 // alpha / r, or alpha / sqrt(r) with rsLoRA.
 double lora_scaling(Index r, double lora_alpha, bool use_rslora);
 
+// The scaling in the layer's type; std::invalid_argument if it does not fit (lora_alpha=1e39 on a
+// float32 layer: an infinite scaling made every output NaN, even with B = 0).
+template <class T>
+T layer_scaling(const LoraOptions& options);
+
 // PEFT's initialisation of a Linear adapter: A (r x in), B (out x r).
 //   Default:  A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0
 //   Gaussian: A ~ N(0, (1/r)^2), B = 0
