@@ -148,7 +148,11 @@ def test_gradients_match_numpy_reference_and_accumulate(rng, dtype, tol, backend
     np.testing.assert_allclose(layer.lora_A_grad, s * (g @ B).T @ x, rtol=rtol, atol=rtol)
     np.testing.assert_allclose(grad_x, g @ weight + s * (g @ B) @ A, rtol=rtol, atol=rtol)
     first = layer.lora_A_grad.copy()
-    layer.backward(g)  # a second backward adds the same gradient again
+    with pytest.raises(RuntimeError, match="each forward serves one backward"):
+        layer.backward(g)  # used to add the same gradient again, silently
+    np.testing.assert_array_equal(layer.lora_A_grad, first)
+    layer(x)
+    layer.backward(g)  # another forward and backward: the gradients accumulate
     np.testing.assert_allclose(layer.lora_A_grad, 2 * first, rtol=rtol, atol=rtol)
     layer.zero_grad()
     assert not layer.lora_A_grad.any() and not layer.lora_B_grad.any()

@@ -190,8 +190,10 @@ def test_a_failed_backward_changes_nothing() -> None:
     layer(np.ones((3, 5)))
     layer.backward(np.ones((3, 6)))
     before = [a.copy() for a in (layer.weight, layer.lora_A, layer.lora_B, layer.lora_A_grad, layer.lora_B_grad)]
+    layer(np.ones((3, 5)))  # the last backward used up what the first forward kept
     with pytest.raises(ValueError, match="grad_y must have shape"):
         layer.backward(np.ones((4, 6)))
+    assert layer._batch_shape == (3,)  # a failed backward leaves the forward's state for a retry
     layer.merge()
     layer(np.ones((3, 5)))
     with pytest.raises(RuntimeError, match="merged"):

@@ -142,7 +142,8 @@ class LoraEmbedding(LoraLayerBase):
         """Back-propagate through the last training-mode forward into both gradients.
 
         Adds to ``lora_embedding_A_grad`` and ``lora_embedding_B_grad`` (call ``zero_grad()``
-        between steps). Ids have no gradient, so nothing is returned.
+        between steps). Ids have no gradient, so nothing is returned. Each forward serves one
+        backward: what it kept is freed here.
 
         Parameters
         ----------
@@ -151,12 +152,17 @@ class LoraEmbedding(LoraLayerBase):
         """
         with self._guard.writing_layer("run backward"):
             if self._ids_shape is None:
-                raise RuntimeError("backward() needs a forward() in training mode first")
+                raise RuntimeError("backward() needs a forward() in training mode first (each "
+                                   "forward serves one backward, as PyTorch frees its graph)")
             grad_out = as_input(grad_out, self.dtype, self.embedding_dim, "grad_out")
             expected = self._ids_shape + (self.embedding_dim,)
             if grad_out.shape != expected:
                 raise ValueError(f"grad_out must have shape {expected}, got {grad_out.shape}")
             self._core.backward(grad_out.reshape(-1, self.embedding_dim))
+            # What the forward kept is used up: a second backward would add the same gradients
+            # again (PyTorch raises there too), and the memory is free for the next forward.
+            self._core.clear_cache()
+            self._ids_shape = None
 
     def _init_args(self) -> dict[str, Any]:
         return dict(weight=self._weight, r=self.r, lora_alpha=self.lora_alpha,

@@ -145,7 +145,8 @@ class LoraLinear(LoraLayerBase):
     def backward(self, grad_y: Any) -> np.ndarray:
         """Back-propagate through the last training-mode forward.
 
-        Adds to ``lora_A_grad`` and ``lora_B_grad`` (call ``zero_grad()`` between steps).
+        Adds to ``lora_A_grad`` and ``lora_B_grad`` (call ``zero_grad()`` between steps). Each
+        forward serves one backward: what it kept is freed here.
 
         Parameters
         ----------
@@ -159,7 +160,8 @@ class LoraLinear(LoraLayerBase):
         """
         with self._guard.writing_layer("run backward"):
             if self._batch_shape is None:
-                raise RuntimeError("backward() needs a forward() in training mode first")
+                raise RuntimeError("backward() needs a forward() in training mode first (each "
+                                   "forward serves one backward, as PyTorch frees its graph)")
             grad_y = as_input(grad_y, self.dtype, self.out_features, "grad_y")
             expected = self._batch_shape + (self.out_features,)
             if grad_y.shape != expected:
@@ -167,6 +169,10 @@ class LoraLinear(LoraLayerBase):
             grad_x = np.empty(self._batch_shape + (self.in_features,), dtype=self.dtype)
             self._core.backward(grad_y.reshape(-1, self.out_features),
                                 grad_x.reshape(-1, self.in_features))
+            # What the forward kept is used up: a second backward would add the same gradients
+            # again (PyTorch raises there too), and the memory is free for the next forward.
+            self._core.clear_cache()
+            self._batch_shape = None
         return grad_x
 
     def _init_args(self) -> dict[str, Any]:
