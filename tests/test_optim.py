@@ -95,8 +95,17 @@ def test_optimizers_take_layers_and_lists(rng):
         nplora.AdamW([])
     with pytest.raises(ValueError, match="lr must be finite"):
         nplora.AdamW(one, lr=float("nan"))
-    with pytest.raises(ValueError, match="beta1 must be in"):
-        nplora.AdamW(one, betas=(1.0, 0.9)).step()
+    # Refused when built, as PyTorch does (these waited for the first step).
+    with pytest.raises(ValueError, match=r"betas\[0\] must be in \[0, 1\), got 1.0"):
+        nplora.AdamW(one, betas=(1.0, 0.9))
+    with pytest.raises(ValueError, match="eps must be >= 0, got -1"):
+        nplora.AdamW(one, eps=-1.0)
+    with pytest.raises(ValueError, match="momentum must be >= 0, got -0.5"):
+        nplora.SGD(one, momentum=-0.5)
+    with pytest.raises(ValueError, match="lr must be >= 0, got -1"):
+        nplora.SGD(one, lr=-1.0)
+    with pytest.raises(ValueError, match=r"given twice \(the same layer listed twice\?\)"):
+        nplora.SGD([one, two, one])
 
 
 def test_training_fits_a_low_rank_target(rng):

@@ -28,7 +28,12 @@ def collect_parameters(params: Any) -> list[ParamGrad]:
     else:
         raise TypeError("params must be a layer, a model, or a list of layers or (param, grad) "
                         f"pairs, got {type(params).__name__}")
+    seen: set[int] = set()
     for param, grad in found:
+        if param.ctypes.data in seen and param.size:
+            raise ValueError(f"a parameter of shape {param.shape} is given twice (the same layer "
+                             "listed twice?): each step would update it twice")
+        seen.add(param.ctypes.data)
         if param.shape != grad.shape or param.dtype != grad.dtype:
             raise ValueError(f"gradient {grad.shape} {grad.dtype} does not match parameter "
                              f"{param.shape} {param.dtype}")
@@ -37,6 +42,11 @@ def collect_parameters(params: Any) -> list[ParamGrad]:
         if not (param.flags.aligned and grad.flags.aligned):
             raise ValueError("parameters and gradients must be aligned to their dtype")
     return found
+
+
+def _at_least(name: str, value: float, minimum: float) -> None:
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum:g}, got {value:g}")
 
 
 class Optimizer:
@@ -110,6 +120,13 @@ class AdamW(Optimizer):
         self.betas = (check_real("betas[0]", betas[0]), check_real("betas[1]", betas[1]))
         self.eps = check_real("eps", eps)
         self.weight_decay = check_real("weight_decay", weight_decay)
+        # PyTorch's checks, here rather than at the first step.
+        _at_least("lr", self.lr, 0.0)
+        _at_least("eps", self.eps, 0.0)
+        _at_least("weight_decay", self.weight_decay, 0.0)
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"betas[{i}] must be in [0, 1), got {beta}")
         self.state = [(np.zeros_like(p), np.zeros_like(p)) for p, _ in self.params]
         self.step_count = 0
 
@@ -156,6 +173,8 @@ class SGD(Optimizer):
         self.dampening = check_real("dampening", dampening)
         self.weight_decay = check_real("weight_decay", weight_decay)
         self.nesterov = bool(nesterov)
+        for name in ("lr", "momentum", "weight_decay"):
+            _at_least(name, getattr(self, name), 0.0)
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ValueError("nesterov needs momentum > 0 and dampening == 0")
         self.momentum_buffers = [np.zeros_like(p) for p, _ in self.params]
