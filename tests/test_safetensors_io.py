@@ -367,4 +367,9 @@ def test_writer_rejects_bad_headers(tmp_path: Path) -> None:
         SafetensorsWriter(tmp_path / "w", {"__metadata__": (np.float32, (1,))})
     with pytest.raises(TypeError, match="metadata must map str to str"):
         SafetensorsWriter(tmp_path / "w", {}, metadata={"a": 1})
+    # What os.fsdecode makes of undecodable bytes: written, it was a header no reader could parse.
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        SafetensorsWriter(tmp_path / "w", {"bad\udcff": (np.float32, (1,))})
+    with pytest.raises(ValueError, match="metadata must be valid UTF-8"):
+        SafetensorsWriter(tmp_path / "w", {}, metadata={"a": "\udcff"})
     assert os.listdir(tmp_path) == []

@@ -20,6 +20,14 @@ import numpy as np
 from .safetensors_io import _CODES, _DTYPES, MAX_HEADER_SIZE, PathLike, code_of
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class SafetensorsWriter:
     """Stream tensors into a ``.safetensors`` file one at a time; the file appears only when complete.
 
@@ -47,11 +55,16 @@ class SafetensorsWriter:
         if metadata:
             if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
                 raise TypeError(f"metadata must map str to str, got {dict(metadata)!r}")
+            if not all(_is_utf8(k) and _is_utf8(v) for k, v in metadata.items()):
+                raise ValueError(f"metadata must be valid UTF-8, got {dict(metadata)!r}")
             entries["__metadata__"] = dict(metadata)
         offset = 0
         for name, (dtype, shape) in header.items():
             if not isinstance(name, str) or name == "__metadata__":
                 raise ValueError(f"tensor name {name!r} is not allowed")
+            if not _is_utf8(name):  # json.dumps would escape it into a header no reader accepts
+                raise ValueError(f"tensor name {name!r} is not valid UTF-8 (a lone surrogate, as "
+                                 "os.fsdecode makes of undecodable bytes)")
             code = code_of(dtype)
             if not isinstance(shape, (tuple, list)) or not all(
                     isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape):
