@@ -214,6 +214,25 @@ def test_mixed_batch_follows_disabled_adapters_and_checks_every_id(rng):
         model.forward(path, x, adapter_ids=np.array([0, 0, 2**64 - 1], dtype=np.uint64))
 
 
+def test_merging_under_disable_adapter_keeps_the_base_model(rng):
+    weights = toy_weights(rng, np.float64)
+    path = "model.layers.0.self_attn.q_proj"
+    original = weights[path + ".weight"].copy()
+    model = LoraModel(weights, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
+                      seed=0)
+    x = rng.standard_normal((3, HIDDEN))
+    base = x @ original.T + weights[path + ".bias"]
+    with model.disable_adapter():
+        np.testing.assert_allclose(model.merge_and_unload()[path + ".weight"], original)
+        model.merge_adapter()  # in place, into weights[...]: the adapter is merged, still disabled
+        assert model[path].merged
+        np.testing.assert_allclose(model.forward(path, x), base, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(model.merge_and_unload()[path + ".weight"], original,
+                                   rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(model.merge_and_unload()[path + ".weight"],
+                               original + model[path].delta_weight(), rtol=1e-12, atol=1e-12)
+
+
 def test_base_weights_in_other_layouts_and_dtypes(rng):
     weights = toy_weights(rng)
     path = "model.layers.0.self_attn.q_proj"

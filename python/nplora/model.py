@@ -458,7 +458,8 @@ class LoraModel:
 
     def merge_and_unload(self, progress: bool = False, safe_merge: bool = False
                          ) -> dict[str, np.ndarray]:
-        """The base weights with the active adapter merged in, as a new dict.
+        """The base weights with the active adapter merged in, as a new dict (under
+        ``disable_adapter()``, the base weights alone, as its forwards give).
 
         Adapted weights are new arrays in the base weight's dtype (float16/bfloat16 bases are merged
         in float32 and cast back); all others are the base arrays themselves. The model and its
@@ -485,8 +486,16 @@ class LoraModel:
             path = key[: -len(".weight")] if key.endswith(".weight") else None
             layer = layers.get(path) if path is not None else None
             original = self.base_weights[key]
-            if layer is None or self._adapters_disabled:
+            if layer is None or self._adapters_disabled and not (
+                    layer.merged and np.shares_memory(layer.weight, original)):
                 merged[key] = original
+                continue
+            if self._adapters_disabled:
+                # Disabled, but merged into this very array (merge_adapter): the base is the array
+                # with the update taken out again, as the disabled forward computes it.
+                base = np.array(layer.weight, order="C", copy=True)
+                layer._core.add_delta_to(base, -1.0)
+                merged[key] = base.astype(original.dtype, copy=False)
                 continue
             weight = layer.merged_weight()
             if safe_merge and not np.isfinite(weight).all():
