@@ -49,10 +49,14 @@ def test_target_matching_follows_peft(rng):
     assert len(everything.targets) == 12  # 1-D layernorm weights are not modules
     with pytest.raises(ValueError, match="matched none"):
         LoraModel(weights, LoraConfig(target_modules=["nope"]))
-    with pytest.warns(nplora.LoraWarning, match="'nope' matched no module") as caught:
+    with pytest.warns(nplora.LoraWarning, match="'nope' adapts nothing: it matched no module") as caught:
         model = LoraModel(weights, LoraConfig(target_modules=["q_proj", "nope"]))
-    with pytest.warns(nplora.LoraWarning, match="'nada' matched no module") as caught_too:
+    with pytest.warns(nplora.LoraWarning, match="'nada' adapts nothing: it matched no module") as caught_too:
         model.add_adapter("second", LoraConfig(target_modules=["q_proj", "nada"]))
+    # Matched, then all excluded: the warning said "matched no module", which was not so.
+    with pytest.warns(nplora.LoraWarning,
+                      match="'v_proj' adapts nothing: its 3 module.s. are all left out by exclude_modules"):
+        LoraModel(weights, LoraConfig(target_modules=["q_proj", "v_proj"], exclude_modules=["v_proj"]))
     # Both point at the line that asked, not into nplora.
     assert [w.filename for w in [*caught, *caught_too]] == [__file__, __file__]
 

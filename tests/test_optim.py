@@ -106,6 +106,9 @@ def test_optimizers_take_layers_and_lists(rng):
         nplora.SGD(one, lr=-1.0)
     with pytest.raises(ValueError, match=r"given twice \(the same layer listed twice\?\)"):
         nplora.SGD([one, two, one])
+    fortran = np.asfortranarray(np.ones((3, 2)))
+    with pytest.raises(ValueError, match=r"C-contiguous, got a pair of shape \(3, 2\)"):
+        nplora.SGD([(fortran, np.zeros_like(fortran))])  # was refused only at the first step
 
 
 def test_training_fits_a_low_rank_target(rng):

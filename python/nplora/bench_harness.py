@@ -22,7 +22,7 @@ from .runtime import blas_info, get_num_threads
 
 LARGE_BATCH = 512  # the batch whose rate is GFLOP/s (held against NumPy's GEMM), not GB/s
 RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}  # of the reference's max |value|
-LIMIT_SHARE = 0.9  # PERFORMANCE.md: 90% of NumPy's GEMM GFLOP/s, or of its GEMV GB/s
+LIMIT_SHARE = 0.9  # the performance brief: 90% of NumPy's GEMM GFLOP/s, or of its GEMV GB/s
 
 
 @dataclass
@@ -312,7 +312,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines += [line(cells) for cells in table]
     lines += ["", f"limit: nplora's rate as a share of NumPy's GEMV GB/s (batch < {LARGE_BATCH}: W @ v "
                   f"timed within the row) or GEMM GFLOP/s (batch {LARGE_BATCH}: the limit row); "
-                  f"PERFORMANCE.md asks >= {LIMIT_SHARE:.0%}",
+                  f"the target is >= {LIMIT_SHARE:.0%}",
               "others: CPU time other processes took while the row ran (above a few %, distrust it)",
               f"targets met: {result['targets_met']} / {result['targets_total']}"]
     if result["failed"]:

@@ -139,7 +139,8 @@ class LoraConfig:
     use_rslora : bool
         Rank-stabilised scaling ``lora_alpha / sqrt(r)``.
     init_lora_weights : bool or "gaussian"
-        ``True``: Kaiming-uniform A, zero B. ``"gaussian"``: A ~ N(0, 1/r), zero B. ``False``: random.
+        ``True``: Kaiming-uniform A, zero B. ``"gaussian"``: A ~ N(0, (1/r)^2) (std 1/r), zero
+        B. ``False``: random.
     layers_to_transform : int or list of int, optional
         Layer indices (``>= 0``) to adapt; only with a list ``target_modules``.
     layers_pattern : str or list of str, optional

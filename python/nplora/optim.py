@@ -41,6 +41,12 @@ def collect_parameters(params: Any) -> list[ParamGrad]:
             raise TypeError(f"parameters must be float32 or float64, got {param.dtype}")
         if not (param.flags.aligned and grad.flags.aligned):
             raise ValueError("parameters and gradients must be aligned to their dtype")
+        if not (param.flags.c_contiguous and grad.flags.c_contiguous):  # refused here, not at step()
+            raise ValueError(f"parameters and gradients must be C-contiguous, got a pair of shape "
+                             f"{param.shape} that is not")
+        if not (param.flags.writeable and grad.flags.writeable):
+            raise ValueError(f"parameters and gradients must be writable, got a pair of shape "
+                             f"{param.shape} that is not")
     return found
 
 

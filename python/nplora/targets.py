@@ -96,7 +96,10 @@ def match_targets(config: LoraConfig, paths: Sequence[str], is_embedding: Callab
     if isinstance(targets, list):
         for target in targets:
             if not any(p == target or p.endswith("." + target) for p in matched):
-                warnings.warn(f"target module {target!r} matched no module", LoraWarning,
+                named = sum(p == target or p.endswith("." + target) for p in paths)
+                why = (f"its {named} module(s) are all left out by exclude_modules or "
+                       "layers_to_transform" if named else "it matched no module")
+                warnings.warn(f"target module {target!r} adapts nothing: {why}", LoraWarning,
                               stacklevel=level)
     for field_name, keys in config.unmatched_pattern_keys(matched).items():
         for key in keys:
