@@ -182,3 +182,36 @@ def test_linear_layer_matches_peft_forward_backward():
                                rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(ours.lora_B_grad, layer.lora_B["default"].weight.grad.numpy(),
                                rtol=1e-6, atol=1e-6)
+
+
+def tiny_transformers_models():
+    transformers = pytest.importorskip("transformers")
+    small = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "vocab_size": 40, "tie_word_embeddings": False}
+    yield "llama", transformers.LlamaForCausalLM(transformers.LlamaConfig(**small)), False
+    yield "gpt-neox", transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**small)), False
+    yield "bert-mlm", transformers.BertForMaskedLM(transformers.BertConfig(**small)), False
+    yield "roberta-mlm", transformers.RobertaForMaskedLM(transformers.RobertaConfig(**small)), False
+    yield "t5", transformers.T5ForConditionalGeneration(transformers.T5Config(
+        d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=40,
+        tie_word_embeddings=False)), False
+    yield "gpt2", transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=16, n_layer=1, n_head=2, vocab_size=40, tie_word_embeddings=False)), True
+
+
+def test_all_linear_targets_what_peft_targets():
+    # PEFT leaves out the model's output layer (get_output_embeddings()); nplora, with no model to
+    # ask, knows those layers' names. It used to adapt BERT's cls.predictions.decoder, GPT-NeoX's
+    # embed_out, RoBERTa's lm_head.decoder and T5's relative_attention_bias (an embedding).
+    torch.manual_seed(0)
+    for name, model, fan_in_fan_out in tiny_transformers_models():
+        weights = {k: v.detach().numpy() for k, v in model.state_dict().items()
+                   if k.endswith((".weight", ".bias")) and v.ndim <= 2 and v.is_floating_point()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours = nplora.LoraModel(weights, nplora.LoraConfig(
+                r=2, target_modules="all-linear", fan_in_fan_out=fan_in_fan_out)).targets
+            wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules="all-linear"))
+        theirs = [n for n, m in wrapped.base_model.model.named_modules()
+                  if isinstance(m, peft.tuners.lora.LoraLayer)]
+        assert sorted(ours) == sorted(theirs), name

@@ -188,8 +188,15 @@ class LoraModel:
                 if kind == "embedding":
                     layer: Layer = LoraEmbedding(module.weight, **common)
                 else:
-                    layer = LoraLinear(module.weight, module.bias, lora_dropout=config.lora_dropout,
-                                       fan_in_fan_out=config.fan_in_fan_out, **common)
+                    try:
+                        layer = LoraLinear(module.weight, module.bias,
+                                           lora_dropout=config.lora_dropout,
+                                           fan_in_fan_out=config.fan_in_fan_out, **common)
+                    except ValueError as error:  # name the module: "bias must have shape ..."
+                        hint = (" (a GPT-2-style Conv1D weight, (in, out)? then set "
+                                "fan_in_fan_out=True)" if "bias must have shape" in str(error)
+                                and not config.fan_in_fan_out else "")
+                        raise ValueError(f"{path}: {error}{hint}") from None
                 layer.adapter_enabled = not self._adapters_disabled
                 module.layers[adapter_name] = layer
                 created.append(module)

@@ -18,7 +18,24 @@ from .config import LoraConfig
 EMBEDDING_NAMES = frozenset({
     "embed_tokens", "embed_positions", "embed_in", "wte", "wpe", "word_embeddings",
     "position_embeddings", "token_type_embeddings", "tok_embeddings", "shared", "embeddings",
+    "relative_attention_bias",  # T5's per-bucket attention bias, an nn.Embedding
 })
+
+
+# What "all-linear" leaves out: the output layer, as PEFT does (it asks the model for
+# get_output_embeddings(); a dict of weights cannot be asked, so these are the names that method
+# returns across Hugging Face's architectures, matched as a whole path or its tail).
+OUTPUT_LAYER_NAMES = (
+    "lm_head",  # most causal and seq2seq LMs
+    "embed_out",  # GPT-NeoX, Pythia
+    "cls.predictions.decoder",  # BERT-style masked LMs
+    "lm_head.decoder",  # RoBERTa-style masked LMs (lm_head.dense stays a target)
+    "generator_lm_head",  # ELECTRA
+)
+
+
+def _is_output_layer(name: str) -> bool:
+    return any(name == tail or name.endswith("." + tail) for tail in OUTPUT_LAYER_NAMES)
 
 
 def _layer_index(config: LoraConfig, name: str) -> int | None:
@@ -40,7 +57,7 @@ def is_target(config: LoraConfig, name: str, is_embedding: bool = False) -> bool
 
     A list of target_modules matches a name equal to an entry or ending in ``"." + entry``; a string
     is a regex that must match the whole name; ``"all-linear"`` takes every linear module but
-    lm_head. exclude_modules wins; layers_to_transform/layers_pattern filter suffix matches.
+    the output layer (OUTPUT_LAYER_NAMES). exclude_modules wins; layers_to_transform/layers_pattern filter suffix matches.
     """
     exclude = config.exclude_modules
     if exclude is not None:
@@ -54,7 +71,7 @@ def is_target(config: LoraConfig, name: str, is_embedding: bool = False) -> bool
         raise ValueError("target_modules must be set: nplora has no per-architecture defaults")
     if isinstance(targets, str):
         if targets.lower() == "all-linear":
-            return not is_embedding and name.rsplit(".", 1)[-1] != "lm_head"
+            return not is_embedding and not _is_output_layer(name)
         return re.fullmatch(targets, name) is not None
     if name in targets:
         return True
