@@ -410,3 +410,13 @@ def test_model_over_memory_mapped_safetensors(rng, tmp_path):
                                in_memory.merge_and_unload()[path + ".weight"], rtol=1e-6)
     with pytest.raises(ValueError, match="read-only"):
         model.merge_adapter()
+
+
+def test_a_conv1d_weight_without_fan_in_fan_out_names_the_module(rng):
+    weights = {"h.0.attn.c_attn.weight": rng.standard_normal((8, 24)).astype(np.float32),  # (in, out)
+               "h.0.attn.c_attn.bias": np.zeros(24, np.float32)}
+    with pytest.raises(ValueError, match=r"h.0.attn.c_attn: bias must have shape \(8,\), got \(24,\) "
+                                         r"\(a GPT-2-style Conv1D weight.*fan_in_fan_out=True"):
+        LoraModel(weights, LoraConfig(target_modules=["c_attn"]))
+    model = LoraModel(weights, LoraConfig(target_modules=["c_attn"], fan_in_fan_out=True))
+    assert model["h.0.attn.c_attn"].out_features == 24
