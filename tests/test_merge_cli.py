@@ -68,8 +68,11 @@ def write_model(folder: Path, tensors: dict[str, np.ndarray], shards: int = 3) -
     (folder / "extra").mkdir()
     (folder / "extra" / "notes.txt").write_text("kept")
     (folder / "pytorch_model.bin").write_bytes(b"unmerged weights in another format")
-    (folder / "extra" / "original").mkdir()  # as a Llama snapshot's original/consolidated.00.pth
-    (folder / "extra" / "original" / "consolidated.00.pth").write_bytes(b"unmerged weights again")
+    (folder / "original").mkdir()  # a Llama snapshot's Meta checkpoint: the unmerged model again
+    (folder / "original" / "consolidated.00.pth").write_bytes(b"unmerged weights again")
+    (folder / "original" / "params.json").write_text("{}")
+    (folder / "2_Dense").mkdir()  # a sentence-transformers module of its own: kept as it is
+    (folder / "2_Dense" / "model.safetensors").write_bytes(b"another module's weights")
 
 
 def make_adapter(folder: Path, *, fan_in_fan_out: bool = False, use_rslora: bool = False, seed: int = 1,
@@ -135,14 +138,15 @@ def test_merge_sharded_model_matches_numpy(tmp_path: Path, dtype_name: str) -> N
     config, modules = make_adapter(tmp_path / "adapter")
     report = merge_cli.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progress=False)
     assert (report.merged, report.copied, report.files) == (len(modules), len(tensors) - len(modules), 3)
-    assert report.skipped_files == ["extra/original/consolidated.00.pth", "pytorch_model.bin"]
-    assert report.peak_rss > 0
+    assert report.skipped_files == ["original/consolidated.00.pth", "pytorch_model.bin"]
+    assert report.copied_weight_files == ["2_Dense/model.safetensors"] and report.peak_rss > 0
     assert_merged(tmp_path / "out", expected_merge(tensors, config, modules), modules, dtype_name)
     base, out = tmp_path / "base", tmp_path / "out"
     assert sorted(os.listdir(out)) == sorted(set(os.listdir(base)) - {"pytorch_model.bin"})
-    for name in (INDEX_NAME, "config.json", "tokenizer.json", "extra/notes.txt"):
+    for name in (INDEX_NAME, "config.json", "tokenizer.json", "extra/notes.txt",
+                 "original/params.json", "2_Dense/model.safetensors"):
         assert (out / name).read_bytes() == (base / name).read_bytes(), name
-    assert os.listdir(out / "extra" / "original") == []
+    assert os.listdir(out / "original") == ["params.json"]
     with open_weights(base) as before, open_weights(out) as after:
         assert after.shards == before.shards
         assert all(after.shard_of(n) == before.shard_of(n) for n in before)
@@ -312,6 +316,8 @@ def test_cli_merge_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(argv + ["--quiet"]) == 0
     captured = capsys.readouterr()
     assert "merged 10 tensor(s), copied 17, in 3 file(s)" in captured.out and "peak RSS" in captured.out
+    assert "not copied (weights in another format): original/consolidated.00.pth" in captured.out
+    assert "copied as they are (other modules' weights, not merged): 2_Dense" in captured.out
     assert captured.err == ""
     assert main(argv) == 1
     assert "nplora merge: error:" in capsys.readouterr().err

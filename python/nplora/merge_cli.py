@@ -37,6 +37,8 @@ OUTPUT_DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 BLOCK_BYTES = 32 << 20  # rows merged/copied per step: about this many bytes of the compute dtype
 # Files of a model folder that hold (unmerged) weights in other formats: not copied to the output.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
+# The sub-folder whose weight files are the base model again (Meta's checkpoint in Llama snapshots).
+_BASE_COPY_FOLDER = "original"
 
 
 def _float_dtypes() -> dict[str, np.dtype]:
@@ -58,12 +60,16 @@ class MergeReport:
     seconds: float = 0.0
     peak_rss: int = 0
     skipped_files: list[str] = field(default_factory=list)
+    copied_weight_files: list[str] = field(default_factory=list)  # in sub-folders, not merged
 
     def summary(self) -> str:
         lines = [f"merged {self.merged} tensor(s), copied {self.copied}, in {self.files} file(s) -> {self.out}",
                  f"{_size(self.bytes_written)} written in {self.seconds:.1f} s; peak RSS {_size(self.peak_rss)}"]
         if self.skipped_files:
             lines.append(f"not copied (weights in another format): {', '.join(self.skipped_files)}")
+        if self.copied_weight_files:
+            lines.append("copied as they are (other modules' weights, not merged): "
+                         f"{', '.join(self.copied_weight_files)}")
         return "\n".join(lines)
 
 
@@ -211,14 +217,19 @@ def _copy_extras(base: str, shards: list[str], dest: str, report: MergeReport) -
         if entry in shards or entry in (INDEX_NAME, SINGLE_NAME) or entry.startswith("."):
             continue
         if os.path.isdir(source):
-            # Weights in sub-folders too (a Llama snapshot's original/consolidated.00.pth, 16 GB,
-            # holds the unmerged model as well).
+            # Sub-folders whole: their weights are usually other modules' (a sentence-transformers
+            # snapshot's 2_Dense/model.safetensors), which the output needs as they are. Except
+            # Meta's original/ folder in Llama snapshots: its consolidated.*.pth (16 GB and more)
+            # is the unmerged base model again, in another format.
             def skip_weights(folder: str, names: list[str]) -> set[str]:
-                skipped = {n for n in names if n.endswith(_WEIGHT_SUFFIXES)
+                weights = {n for n in names if n.endswith(_WEIGHT_SUFFIXES)
                            and not os.path.isdir(os.path.join(folder, n))}
-                report.skipped_files.extend(
-                    os.path.relpath(os.path.join(folder, n), base) for n in sorted(skipped))
-                return skipped
+                listed = [os.path.relpath(os.path.join(folder, n), base) for n in sorted(weights)]
+                if entry == _BASE_COPY_FOLDER:
+                    report.skipped_files.extend(listed)
+                    return weights
+                report.copied_weight_files.extend(listed)
+                return set()
 
             shutil.copytree(source, os.path.join(dest, entry), ignore=skip_weights)
         elif entry.endswith(_WEIGHT_SUFFIXES):
