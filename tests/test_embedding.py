@@ -132,3 +132,19 @@ def test_stats(rng):
     emb, _ = make_embedding(rng, np.float32)
     assert emb.stats() == {"trainable_params": 3 * 11 + 6 * 3, "frozen_params": 66,
                            "total_params": 3 * 11 + 6 * 3 + 66}
+
+
+def test_each_forward_serves_one_backward_unless_retained(rng):
+    emb, _ = make_embedding(rng, np.float64)
+    ids = np.array([1, 4, 4])
+    g, h = rng.standard_normal((3, 6)), rng.standard_normal((3, 6))
+    emb(ids)
+    emb.backward(g + h)
+    summed = emb.lora_embedding_B_grad.copy()
+    emb.zero_grad()
+    emb(ids)
+    emb.backward(g, retain_graph=True)
+    emb.backward(h)
+    np.testing.assert_allclose(emb.lora_embedding_B_grad, summed, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="each forward serves one backward"):
+        emb.backward(g)

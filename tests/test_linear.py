@@ -154,6 +154,18 @@ def test_gradients_match_numpy_reference_and_accumulate(rng, dtype, tol, backend
     layer(x)
     layer.backward(g)  # another forward and backward: the gradients accumulate
     np.testing.assert_allclose(layer.lora_A_grad, 2 * first, rtol=rtol, atol=rtol)
+    # Two backwards on one forward when asked for (PyTorch's retain_graph): they add up to one
+    # backward of the sum, as backward is linear in grad_y.
+    layer.zero_grad()
+    layer(x)
+    h = rng.standard_normal((9, 30)).astype(dtype)
+    gx_g = layer.backward(g, retain_graph=True)
+    gx_h = layer.backward(h)
+    np.testing.assert_allclose(gx_g + gx_h, g @ weight + s * (g @ B) @ A + h @ weight + s * (h @ B) @ A,
+                               rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(layer.lora_A_grad, s * ((g + h) @ B).T @ x, rtol=rtol, atol=rtol)
+    with pytest.raises(RuntimeError, match="unless retain_graph=True"):
+        layer.backward(g)
     layer.zero_grad()
     assert not layer.lora_A_grad.any() and not layer.lora_B_grad.any()
 

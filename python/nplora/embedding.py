@@ -138,7 +138,7 @@ class LoraEmbedding(LoraLayerBase):
             self._ids_shape = None
         return result
 
-    def backward(self, grad_out: Any) -> None:
+    def backward(self, grad_out: Any, *, retain_graph: bool = False) -> None:
         """Back-propagate through the last training-mode forward into both gradients.
 
         Adds to ``lora_embedding_A_grad`` and ``lora_embedding_B_grad`` (call ``zero_grad()``
@@ -149,20 +149,25 @@ class LoraEmbedding(LoraLayerBase):
         ----------
         grad_out : array_like, shape ids.shape + (embedding_dim,)
             Gradient of the loss with respect to the last output.
+        retain_graph : bool
+            Keep what the forward kept, for another backward on the same forward (PyTorch's
+            ``retain_graph``).
         """
         with self._guard.writing_layer("run backward"):
             if self._ids_shape is None:
                 raise RuntimeError("backward() needs a forward() in training mode first (each "
-                                   "forward serves one backward, as PyTorch frees its graph)")
+                                   "forward serves one backward, unless retain_graph=True)")
             grad_out = as_input(grad_out, self.dtype, self.embedding_dim, "grad_out")
             expected = self._ids_shape + (self.embedding_dim,)
             if grad_out.shape != expected:
                 raise ValueError(f"grad_out must have shape {expected}, got {grad_out.shape}")
             self._core.backward(grad_out.reshape(-1, self.embedding_dim))
-            # What the forward kept is used up: a second backward would add the same gradients
-            # again (PyTorch raises there too), and the memory is free for the next forward.
-            self._core.clear_cache()
-            self._ids_shape = None
+            # What the forward kept is used up unless asked for again: a second backward would
+            # add the same gradients again by mistake (PyTorch raises there too), and the memory
+            # is free for the next forward.
+            if not retain_graph:
+                self._core.clear_cache()
+                self._ids_shape = None
 
     def _init_args(self) -> dict[str, Any]:
         return dict(weight=self._weight, r=self.r, lora_alpha=self.lora_alpha,

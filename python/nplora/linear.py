@@ -142,16 +142,20 @@ class LoraLinear(LoraLayerBase):
             self._batch_shape = None
         return y
 
-    def backward(self, grad_y: Any) -> np.ndarray:
+    def backward(self, grad_y: Any, *, retain_graph: bool = False) -> np.ndarray:
         """Back-propagate through the last training-mode forward.
 
         Adds to ``lora_A_grad`` and ``lora_B_grad`` (call ``zero_grad()`` between steps). Each
-        forward serves one backward: what it kept is freed here.
+        forward serves one backward: what it kept is freed here, unless ``retain_graph``.
 
         Parameters
         ----------
         grad_y : array_like, shape (..., out_features)
             Gradient of the loss with respect to the last output.
+        retain_graph : bool
+            Keep what the forward kept, for another backward on the same forward (PyTorch's
+            ``retain_graph``): backward is linear in ``grad_y``, so two calls add up to one with
+            their sum (two losses on one output, a Jacobian row by row).
 
         Returns
         -------
@@ -161,7 +165,7 @@ class LoraLinear(LoraLayerBase):
         with self._guard.writing_layer("run backward"):
             if self._batch_shape is None:
                 raise RuntimeError("backward() needs a forward() in training mode first (each "
-                                   "forward serves one backward, as PyTorch frees its graph)")
+                                   "forward serves one backward, unless retain_graph=True)")
             grad_y = as_input(grad_y, self.dtype, self.out_features, "grad_y")
             expected = self._batch_shape + (self.out_features,)
             if grad_y.shape != expected:
@@ -169,10 +173,12 @@ class LoraLinear(LoraLayerBase):
             grad_x = np.empty(self._batch_shape + (self.in_features,), dtype=self.dtype)
             self._core.backward(grad_y.reshape(-1, self.out_features),
                                 grad_x.reshape(-1, self.in_features))
-            # What the forward kept is used up: a second backward would add the same gradients
-            # again (PyTorch raises there too), and the memory is free for the next forward.
-            self._core.clear_cache()
-            self._batch_shape = None
+            # What the forward kept is used up unless asked for again: a second backward would
+            # add the same gradients again by mistake (PyTorch raises there too), and the memory
+            # is free for the next forward.
+            if not retain_graph:
+                self._core.clear_cache()
+                self._batch_shape = None
         return grad_x
 
     def _init_args(self) -> dict[str, Any]:
