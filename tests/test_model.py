@@ -216,6 +216,8 @@ def test_mixed_batch_follows_disabled_adapters_and_checks_every_id(rng):
     # An unsigned 2**64 - 1 is not -1 (the base model).
     with pytest.raises(IndexError, match="18446744073709551615 is out of range"):
         model.forward(path, x, adapter_ids=np.array([0, 0, 2**64 - 1], dtype=np.uint64))
+    with pytest.raises(IndexError, match="18446744073709551616 is out of range"):
+        model.forward(path, x, adapter_ids=[0, "default", 2**64])  # a list: Python ints
 
 
 def test_merging_under_disable_adapter_keeps_the_base_model(rng):

@@ -237,8 +237,9 @@ def read_adapter(directory: str | os.PathLike[str], adapter_name: str | None = N
 
 
 def _new_temporary(target: Path, made: list[Path]) -> Path:
-    """A new empty file beside `target` (recorded in `made`), with the umask's permissions, as
-    PEFT's files get (0600, as mkstemp makes them, keeps other users and serving processes out)."""
+    """A new empty file beside `target` (recorded in `made`), with the umask's permissions (0644
+    under umask 022), as PEFT's files get; mkstemp's 0600 would keep other users and serving
+    processes out."""
     temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     made.append(temporary)

@@ -36,6 +36,10 @@ def adapter_indices(adapter_ids: Any, names: Sequence[str], shape: tuple[int, ..
                 flat.append(lookup[value])
             else:
                 raise KeyError(f"adapter_ids names no adapter {value!r}; adapters: {list(names)}")
+        for value in flat:
+            if not -1 <= value < len(names):  # before int64, which cannot hold every Python int
+                raise IndexError(f"adapter index {value} is out of range for {len(names)} "
+                                 "adapters (-1 is the base model)")
         indices = np.array(flat, dtype=np.int64).reshape(shape)
     bad = (indices < -1) | (indices >= len(names))
     if bad.any():

@@ -16,8 +16,9 @@ from typing import Any
 from . import _core
 from ._arrays import check_int
 
-# Far past any machine's cores, short of what a C int holds (the core takes one).
-MAX_THREADS = 1 << 16
+# Far past this kind of machine's cores; a typo such as 2**31 is refused instead of starting
+# threads until the system runs out.
+MAX_THREADS = 4096
 
 # (sgemm symbol, dgemm symbol, 64-bit integers)
 _CBLAS_SYMBOLS = (
