@@ -187,6 +187,17 @@ def test_dropout_gradient_uses_the_forward_mask(rng):
     np.testing.assert_allclose(layer.lora_A_grad, g.T @ (x * np.where(kept, 2.0, 0.0)), atol=1e-12)
 
 
+def test_dropout_keeps_nan_where_it_drops(rng):
+    # torch's dropout multiplies by its mask, so NaN * 0 stays NaN in the LoRA branch (and in the
+    # gradients); writing 0 where dropped hid it.
+    layer, _, _ = make_layer(rng, np.float64, lora_dropout=0.999)
+    x = rng.standard_normal((4, 7))
+    x[1, 2] = np.nan
+    layer(x)
+    layer.backward(np.ones((4, 5)))
+    assert np.isnan(layer.lora_A_grad).any() and np.isnan(layer.lora_B_grad).any()
+
+
 def test_dropout_statistics_and_eval_mode(rng):
     p = 0.3
     layer = nplora.LoraLinear(np.zeros((4, 4)), r=4, lora_alpha=4, lora_dropout=p, seed=1)

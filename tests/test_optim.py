@@ -129,3 +129,21 @@ def test_training_fits_a_low_rank_target(rng):
         optimizer.step()
     assert losses[-1] < 1e-3 * losses[0]
     np.testing.assert_allclose(layer.delta_weight(), low_rank, atol=0.05)
+
+
+def test_edge_values_as_torch_computes_them(dtype):
+    # AdamW's moment is torch's lerp, taken from the nearer end: with beta1 = 0 it is the new
+    # gradient exactly (an old moment of 1e8 cancelled the new gradient's 1 to 0).
+    param = np.ones((1, 1), dtype)
+    grad = np.zeros_like(param)
+    optimizer = nplora.AdamW([(param, grad)], lr=0.1, betas=(0.0, 0.0), weight_decay=0.0)
+    for g in (1e8 if dtype == np.float32 else 1e20, 1.0):
+        grad[...] = g
+        optimizer.step()
+    np.testing.assert_array_equal(optimizer.state[0][0], [[1.0]])
+    np.testing.assert_allclose(param, [[0.8]], rtol=1e-6)
+    # SGD without weight decay adds no decay term: 0 * inf made an infinite parameter NaN.
+    param = np.array([[np.inf, -np.inf, 1.0]], dtype)
+    grad = np.ones_like(param)
+    nplora.SGD([(param, grad)], lr=0.1).step()
+    np.testing.assert_array_equal(param, np.array([[np.inf, -np.inf, 0.9]], dtype))

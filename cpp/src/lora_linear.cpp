@@ -64,7 +64,9 @@ void LoraLinear<T>::forward(MatrixRef<const T> x, MatrixRef<T> y, bool training)
                 for (Index j = 0; j < in_; ++j) {
                     const bool keep = dropout_rng_.uniform() >= p;
                     cached_keep_[static_cast<std::size_t>(i * in_ + j)] = keep;
-                    cached_input_(i, j) = keep ? x.data[i * x.row_stride + j] * keep_scale : T(0);
+                    // x * 0 where dropped, not 0: NaN and inf stay NaN, as torch's dropout
+                    // (a multiply by the mask) leaves them.
+                    cached_input_(i, j) = x.data[i * x.row_stride + j] * (keep ? keep_scale : T(0));
                 }
             }
         } else {
@@ -171,9 +173,9 @@ void LoraLinear<T>::backward(MatrixRef<const T> grad_y, MatrixRef<T> grad_x) {
              lora_grad.data(), in_);
         const T keep_scale = static_cast<T>(1.0 / (1.0 - options_.lora_dropout));
         for (Index i = 0; i < n; ++i)
-            for (Index j = 0; j < in_; ++j)
-                if (cached_keep_[static_cast<std::size_t>(i * in_ + j)])
-                    grad_x.data[i * grad_x.row_stride + j] += lora_grad(i, j) * keep_scale;
+            for (Index j = 0; j < in_; ++j)  // times 0 where dropped, as the forward's mask
+                grad_x.data[i * grad_x.row_stride + j] +=
+                    lora_grad(i, j) * (cached_keep_[static_cast<std::size_t>(i * in_ + j)] ? keep_scale : T(0));
     }
 }
 

@@ -43,18 +43,23 @@ void adamw_step(T* param, const T* grad, T* exp_avg, T* exp_avg_sq, Index n, con
                 std::int64_t step) {
     // Arithmetic follows torch.optim.AdamW (single-tensor path) so results agree to rounding.
     const T decay = static_cast<T>(1.0 - h.lr * h.weight_decay);
-    const T beta1 = static_cast<T>(h.beta1);
     const T beta2 = static_cast<T>(h.beta2);
     const double bias_correction1 = 1.0 - std::pow(h.beta1, static_cast<double>(step));
     const double bias_correction2 = 1.0 - std::pow(h.beta2, static_cast<double>(step));
     const T step_size = static_cast<T>(h.lr / bias_correction1);
     const T bias_correction2_sqrt = static_cast<T>(std::sqrt(bias_correction2));
     const T eps = static_cast<T>(h.eps);
+    // exp_avg.lerp_(grad, 1 - beta1) as torch computes it: from the nearer end, so that a weight
+    // above 0.5 (beta1 < 0.5) does not cancel (beta1 = 0 gives exp_avg = grad exactly; the one-
+    // sided form left an old moment of 1e8 at 0 instead of the new gradient's 1).
+    const T weight = static_cast<T>(1.0 - h.beta1);
+    const bool from_start = std::abs(weight) < T(0.5);
     parallel_for(n, kGrain, [&](Index begin, Index end) {
         for (Index i = begin; i < end; ++i) {
             const T g = grad[i];
             param[i] *= decay;
-            exp_avg[i] += (g - exp_avg[i]) * (T(1) - beta1);
+            exp_avg[i] = from_start ? exp_avg[i] + weight * (g - exp_avg[i])
+                                    : g - (g - exp_avg[i]) * (T(1) - weight);
             exp_avg_sq[i] = exp_avg_sq[i] * beta2 + (T(1) - beta2) * g * g;
             const T denom = std::sqrt(exp_avg_sq[i]) / bias_correction2_sqrt + eps;
             param[i] -= step_size * exp_avg[i] / denom;
@@ -71,7 +76,9 @@ void sgd_step(T* param, const T* grad, T* buf, Index n, const SgdHyper& h, bool 
     const bool use_momentum = h.momentum != 0.0;
     parallel_for(n, kGrain, [&](Index begin, Index end) {
         for (Index i = begin; i < end; ++i) {
-            T d = grad[i] + wd * param[i];
+            // No decay term at all when it is 0, as torch: 0 * inf would make an infinite
+            // parameter NaN.
+            T d = wd != T(0) ? grad[i] + wd * param[i] : grad[i];
             if (use_momentum) {
                 buf[i] = first_step ? d : momentum * buf[i] + keep * d;
                 d = h.nesterov ? d + momentum * buf[i] : buf[i];
