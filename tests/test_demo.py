@@ -109,6 +109,9 @@ def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], message: 
 def test_cli_bad_epochs(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--quiet", "--epochs", "0"]) == 1
     assert "epochs must be >= 1, got 0" in capsys.readouterr().err
+    # More than memory holds: a clean error, not MemoryError's traceback.
+    assert main(["demo", "--quiet", "--rank", str(10**13)]) == 1
+    assert "nplora demo: error: out of memory" in capsys.readouterr().err
 
 
 def test_missing_scikit_learn(monkeypatch: pytest.MonkeyPatch,

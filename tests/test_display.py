@@ -205,3 +205,10 @@ def test_optimizer_html_and_repr(rng):
     rows = rows_of(sgd._repr_html_())
     assert rows["momentum"] == "0.9" and rows["nesterov"] == "True"
     assert re.fullmatch(r"SGD\(.*\)", repr(sgd))
+
+
+def test_optimizer_html_with_betas_assigned_a_list():
+    layer = nplora.LoraLinear(np.ones((3, 4), np.float32), r=1)
+    optimizer = nplora.AdamW(layer)
+    optimizer.betas = [0.8, 0.9]  # step() takes a list too; the display raised TypeError
+    assert "(0.8, 0.9)" in optimizer._repr_html_()

@@ -208,6 +208,11 @@ def test_float16_overflow_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="model.embed_tokens.weight: values overflow float16"):
         merge_cli.merge(tmp_path / "base.safetensors", tmp_path / "adapter", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    # Folders the merge made for its output go again too (they were left behind, empty).
+    with pytest.raises(ValueError, match="values overflow float16"):
+        merge_cli.merge(tmp_path / "base.safetensors", tmp_path / "adapter",
+                        tmp_path / "new" / "deeper" / "merged.safetensors", progress=False)
+    assert not (tmp_path / "new").exists()
 
 
 # ----------------------------------------------------------------------------- safety

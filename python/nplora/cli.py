@@ -42,3 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, RuntimeError, NotImplementedError) as error:
         print(f"nplora {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except MemoryError as error:  # a huge --rank or --size: C++'s bad_alloc arrives as this
+        print(f"nplora {args.command}: error: out of memory ({error}): try smaller sizes",
+              file=sys.stderr)
+        return 1

@@ -193,8 +193,8 @@ def optimizer_html(optimizer: Any) -> str:
         if hasattr(optimizer, name):
             value = getattr(optimizer, name)
             text = (str(value) if isinstance(value, bool) else
-                    "(" + ", ".join(number(v) for v in value) + ")" if isinstance(value, tuple) else
-                    number(value))
+                    "(" + ", ".join(number(v) for v in value) + ")" if isinstance(value, (tuple, list))
+                    else number(value))  # betas may have been assigned a list
             rows.append((name, text))
     values = sum(param.size for param, _ in optimizer.params)
     dtypes = sorted({str(param.dtype) for param, _ in optimizer.params})

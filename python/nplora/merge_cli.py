@@ -9,6 +9,7 @@ that fails or is killed part-way leaves nothing that looks like a finished model
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -292,8 +293,6 @@ def merge(base: str | os.PathLike[str], adapter: str | os.PathLike[str], out: st
     -------
     MergeReport
     """
-    from tqdm import tqdm
-
     started = time.perf_counter()
     base, adapter, out = os.path.abspath(base), os.path.abspath(adapter), os.path.abspath(out)
     if dtype not in OUTPUT_DTYPES:
@@ -305,30 +304,59 @@ def merge(base: str | os.PathLike[str], adapter: str | os.PathLike[str], out: st
     with open_weights(base) as weights:
         plan = _plan(weights, modules, config)
         as_file = os.path.isfile(base) and out.endswith(".safetensors")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with tqdm(total=len(weights), unit="tensor", desc="merge", file=sys.stderr, disable=not progress,
-                  dynamic_ncols=True) as bar:
-            if as_file:
-                _write_file(weights, weights.shards[0], out, plan, config, target, report, bar)
-            else:
-                tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
-                try:
-                    umask = os.umask(0o022)
-                    os.umask(umask)
-                    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the output's mode
-                    for shard in weights.shards:
-                        _write_file(weights, shard, os.path.join(tmp, shard), plan, config, target, report, bar)
-                    if os.path.isdir(base):
-                        if weights.is_sharded:
-                            _write_index(weights, base, tmp, report)
-                        _copy_extras(base, weights.shards, tmp, report)
-                    _move_into_place(tmp, out)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
+        made = _make_parents(os.path.dirname(out))
+        try:
+            _write_output(weights, base, out, as_file, plan, config, target, report, progress)
+        except BaseException:
+            for folder in made:  # the deepest first; only if nothing else went in meanwhile
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+            raise
     report.seconds = time.perf_counter() - started
     report.peak_rss = peak_rss()
     return report
+
+
+def _make_parents(folder: str) -> list[str]:
+    """``os.makedirs(folder)``; returns the folders it made, deepest first (a failed merge removes
+    them again rather than leave empty folders behind)."""
+    missing = []
+    while folder and not os.path.isdir(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    if missing:
+        os.makedirs(missing[0], exist_ok=True)
+    return missing
+
+
+def _write_output(weights: LazyWeights, base: str, out: str, as_file: bool,
+                  plan: dict[str, AdapterModule], config: LoraConfig, target: np.dtype | None,
+                  report: MergeReport, progress: bool) -> None:
+    from tqdm import tqdm
+
+    with tqdm(total=len(weights), unit="tensor", desc="merge", file=sys.stderr, disable=not progress,
+              dynamic_ncols=True) as bar:
+        if as_file:
+            _write_file(weights, weights.shards[0], out, plan, config, target, report, bar)
+        else:
+            tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
+            try:
+                umask = os.umask(0o022)
+                os.umask(umask)
+                os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the output's mode
+                for shard in weights.shards:
+                    _write_file(weights, shard, os.path.join(tmp, shard), plan, config, target, report, bar)
+                if os.path.isdir(base):
+                    if weights.is_sharded:
+                        _write_index(weights, base, tmp, report)
+                    _copy_extras(base, weights.shards, tmp, report)
+                _move_into_place(tmp, out)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
 
 
 def inspect_adapter(directory: str | os.PathLike[str], adapter_name: str | None = None) -> str:
@@ -374,7 +402,8 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output folder, laid out as the base (a .safetensors path for a file base)")
     parser.add_argument("--adapter-name", metavar="NAME", help="read the adapter from DIR/NAME")
     parser.add_argument("--dtype", choices=OUTPUT_DTYPES, default="auto",
-                        help="dtype of the floating-point outputs (default: auto = as the base)")
+                        help="dtype of the floating-point outputs (default: auto = as the base); "
+                             "8-bit float tensors, quantized with scales of their own, stay as they are")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=_run_merge)
