@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -27,6 +29,26 @@ def test_bad_options(kwargs, error, match):
     if "lora_dropout" not in kwargs:
         with pytest.raises(error, match=match):
             nplora.LoraEmbedding(np.zeros((3, 4)), **kwargs)
+
+
+def test_a_rank_too_large_to_exist_is_a_value_error():
+    # Beyond int64 it was pybind's "incompatible constructor arguments"; below it, std::bad_alloc.
+    for layer in (nplora.LoraLinear, nplora.LoraEmbedding):
+        for r in (2**62, 2**63, 10**30):
+            with pytest.raises(ValueError, match=rf"r={r} is too large: lora_A \({r}, \d\) and lora_B"):
+                layer(np.zeros((3, 4), np.float32), r=r)
+
+
+@pytest.mark.skipif("ASAN_OPTIONS" in os.environ,
+                    reason="ASan reports each allocation it refuses, which .ci/sanitize counts as a failure")
+def test_a_rank_too_large_for_memory_names_its_sizes():
+    with pytest.raises(MemoryError, match=r"cannot allocate r=1099511627776: lora_A \(1099511627776, 4\) "
+                                          r"and lora_B \(3, 1099511627776\) of float32 with their "
+                                          r"gradients need 5.73e\+04 GiB"):
+        nplora.LoraLinear(np.zeros((3, 4), np.float32), r=2**40)
+    with pytest.raises(MemoryError, match=r"lora_A \(1099511627776, 3\) and lora_B \(4, 1099511627776\) "
+                                          r"of float64"):
+        nplora.LoraEmbedding(np.zeros((3, 4)), r=2**40)
 
 
 def test_a_scaling_beyond_the_layers_dtype_is_refused():

@@ -96,6 +96,32 @@ def check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+def check_rank(r: Any, a_cols: int, b_rows: int, dtype: np.dtype) -> int:
+    """`r` as an int >= 1 for lora_A (r, a_cols) and lora_B (b_rows, r) of `dtype`.
+
+    A rank whose parameters and gradients could not exist in a 64-bit address space is a
+    ValueError here (as NumPy's "array is too big"), not an overflow in the core.
+    """
+    r = check_int("r", r, 1)
+    nbytes = adapter_bytes(r, a_cols, b_rows, dtype)
+    if nbytes >= 2**63:
+        raise ValueError(f"r={r} is too large: lora_A ({r}, {a_cols}) and lora_B ({b_rows}, {r}) "
+                         f"with their gradients would take {nbytes} bytes")
+    return r
+
+
+def adapter_bytes(r: int, a_cols: int, b_rows: int, dtype: np.dtype) -> int:
+    """Bytes of lora_A (r, a_cols), lora_B (b_rows, r) and their two gradients."""
+    return 2 * r * (a_cols + b_rows) * np.dtype(dtype).itemsize
+
+
+def adapter_memory_error(r: int, a_cols: int, b_rows: int, dtype: np.dtype) -> MemoryError:
+    """The MemoryError to raise when the core could not allocate a layer's adapter."""
+    gib = adapter_bytes(r, a_cols, b_rows, dtype) / 2**30
+    return MemoryError(f"cannot allocate r={r}: lora_A ({r}, {a_cols}) and lora_B ({b_rows}, {r}) "
+                       f"of {np.dtype(dtype)} with their gradients need {gib:.3g} GiB")
+
+
 def check_real(name: str, value: Any) -> float:
     """`value` as a float; TypeError for non-numbers, ValueError for NaN or infinity."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

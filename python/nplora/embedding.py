@@ -8,10 +8,12 @@ import numpy as np
 
 from . import _core
 from ._arrays import (
+    adapter_memory_error,
     aligned,
     as_input,
     as_weight,
     check_int,
+    check_rank,
     check_real,
     init_mode,
     output_array,
@@ -80,9 +82,13 @@ class LoraEmbedding(LoraLayerBase):
         self.init_lora_weights = init_lora_weights
         self._weight = weight
         self._bias = None
-        self._core = _CORE_EMBEDDING[weight.dtype](
-            weight, -1 if padding_idx is None else padding_idx, check_int("r", r, 1),
-            self.lora_alpha, self.use_rslora, init_mode(init_lora_weights), resolve_seed(seed))
+        r = check_rank(r, num_embeddings, weight.shape[1], weight.dtype)
+        try:
+            self._core = _CORE_EMBEDDING[weight.dtype](
+                weight, -1 if padding_idx is None else padding_idx, r, self.lora_alpha,
+                self.use_rslora, init_mode(init_lora_weights), resolve_seed(seed))
+        except MemoryError:  # C++'s bad_alloc, which says nothing of the sizes
+            raise adapter_memory_error(r, num_embeddings, weight.shape[1], weight.dtype) from None
         self._init_guard()
         self.training = True
         self._ids_shape: tuple[int, ...] | None = None

@@ -10,9 +10,10 @@ from . import _core
 from ._arrays import (
     as_input,
     as_vector,
+    adapter_memory_error,
     as_weight,
     check_dropout,
-    check_int,
+    check_rank,
     check_real,
     init_mode,
     output_array,
@@ -79,9 +80,14 @@ class LoraLinear(LoraLayerBase):
         self.init_lora_weights = init_lora_weights
         self._weight = weight
         self._bias = bias
-        self._core = _CORE_LINEAR[weight.dtype](
-            weight, bias, self.fan_in_fan_out, check_int("r", r, 1), self.lora_alpha,
-            self.lora_dropout, self.use_rslora, init_mode(init_lora_weights), resolve_seed(seed))
+        in_features = weight.shape[0] if self.fan_in_fan_out else weight.shape[1]
+        r = check_rank(r, in_features, out_features, weight.dtype)
+        try:
+            self._core = _CORE_LINEAR[weight.dtype](
+                weight, bias, self.fan_in_fan_out, r, self.lora_alpha, self.lora_dropout,
+                self.use_rslora, init_mode(init_lora_weights), resolve_seed(seed))
+        except MemoryError:  # C++'s bad_alloc, which says nothing of the sizes
+            raise adapter_memory_error(r, in_features, out_features, weight.dtype) from None
         self._init_guard()
         self.training = True
         self._batch_shape: tuple[int, ...] | None = None
