@@ -14,6 +14,12 @@ from .embedding import as_ids
 BASE_NAMES = (None, "__base__")
 
 
+def index_error(value: int, adapters: int) -> IndexError:
+    """The error for an adapter index outside [-1, adapters)."""
+    return IndexError(f"adapter index {value} is out of range for {adapters} adapters "
+                      "(-1 is the base model)")
+
+
 def adapter_indices(adapter_ids: Any, names: Sequence[str], shape: tuple[int, ...]) -> np.ndarray:
     """adapter_ids (names, indices into `names`, or -1/None/"__base__") as an int64 array of `shape`."""
     raw = np.asarray(adapter_ids, dtype=object if not isinstance(adapter_ids, np.ndarray) else None)
@@ -21,8 +27,7 @@ def adapter_indices(adapter_ids: Any, names: Sequence[str], shape: tuple[int, ..
         raise ValueError(f"adapter_ids must have shape {shape} (one per row), got {raw.shape}")
     if raw.dtype.kind == "u" and raw.size and int(raw.max()) >= len(names):
         # Before the cast to int64, where 2**64 - 1 would become -1 (the base model).
-        raise IndexError(f"adapter index {int(raw.max())} is out of range for {len(names)} "
-                         "adapters (-1 is the base model)")
+        raise index_error(int(raw.max()), len(names))
     if raw.dtype.kind in "iu":
         indices = raw.astype(np.int64)
     else:
@@ -38,13 +43,11 @@ def adapter_indices(adapter_ids: Any, names: Sequence[str], shape: tuple[int, ..
                 raise KeyError(f"adapter_ids names no adapter {value!r}; adapters: {list(names)}")
         for value in flat:
             if not -1 <= value < len(names):  # before int64, which cannot hold every Python int
-                raise IndexError(f"adapter index {value} is out of range for {len(names)} "
-                                 "adapters (-1 is the base model)")
+                raise index_error(value, len(names))
         indices = np.array(flat, dtype=np.int64).reshape(shape)
     bad = (indices < -1) | (indices >= len(names))
     if bad.any():
-        raise IndexError(f"adapter index {int(indices[bad][0])} is out of range for "
-                         f"{len(names)} adapters (-1 is the base model)")
+        raise index_error(int(indices[bad][0]), len(names))
     return indices
 
 
