@@ -148,3 +148,13 @@ def test_each_forward_serves_one_backward_unless_retained(rng):
     np.testing.assert_allclose(emb.lora_embedding_B_grad, summed, rtol=1e-12, atol=1e-12)
     with pytest.raises(RuntimeError, match="each forward serves one backward"):
         emb.backward(g)
+
+
+def test_merge_and_unmerge_drop_what_the_forward_kept(rng):
+    # One rule with LoraLinear: a forward before a merge or unmerge serves no backward after it.
+    emb, _ = make_embedding(rng, np.float64)
+    for change in ("merge", "unmerge"):
+        emb(np.array([1, 2]))
+        getattr(emb, change)()
+        with pytest.raises(RuntimeError, match="merge and unmerge drop what the last one kept"):
+            emb.backward(np.ones((2, 6)))

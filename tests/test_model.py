@@ -220,6 +220,23 @@ def test_mixed_batch_follows_disabled_adapters_and_checks_every_id(rng):
         model.forward(path, x, adapter_ids=[0, "default", 2**64])  # a list: Python ints
 
 
+def test_a_mixed_batch_in_training_mode_leaves_no_forward_for_backward(rng):
+    # It keeps nothing; before, the training forward before it stayed, and a backward paired that
+    # forward's input with the mixed batch's gradient (no error, gradients for the old input).
+    config = LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False)
+    model = LoraModel(toy_weights(rng, np.float64), config, seed=0).train()
+    path = "model.layers.0.self_attn.q_proj"
+    x = rng.standard_normal((3, HIDDEN))
+    for module, inputs, grad in ((path, x, np.ones((3, HIDDEN))),
+                                 ("model.embed_tokens", np.array([1, 2, 3]), np.ones((3, HIDDEN)))):
+        model.forward(module, inputs)
+        model.forward(module, inputs, adapter_ids=[0, 0, -1])
+        with pytest.raises(RuntimeError, match="needs a forward"):
+            model[module].backward(grad)
+        model.forward(module, inputs)  # a plain training forward after it serves a backward again
+        model[module].backward(grad)
+
+
 def test_merging_under_disable_adapter_keeps_the_base_model(rng):
     weights = toy_weights(rng, np.float64)
     path = "model.layers.0.self_attn.q_proj"

@@ -86,7 +86,9 @@ void LoraEmbedding<T>::forward(const std::int64_t* ids, Index n, MatrixRef<T> ou
 template <class T>
 void LoraEmbedding<T>::backward(MatrixRef<const T> grad_out) {
     if (!cache_valid_)
-        throw std::runtime_error("backward() needs a forward() in training mode first");
+        throw std::runtime_error(
+            "backward() needs a forward() in training mode first (merge and unmerge drop what the "
+            "last one kept)");
     if (cache_merged_)
         throw std::runtime_error(
             "backward() after a forward through merged weights (or with the adapter disabled): "
@@ -123,6 +125,9 @@ bool LoraEmbedding<T>::merge() {
     if (weight_read_only_) throw std::invalid_argument(kReadOnlyMessage);
     add_delta_to(table_, T(1));
     merged_ = true;
+    // As LoraLinear's: a forward before the merge serves no backward after it (its gradients would
+    // be right, since they do not read the table, but one rule for both layers is easier to trust).
+    clear_cache();
     return true;
 }
 
@@ -131,6 +136,7 @@ bool LoraEmbedding<T>::unmerge() {
     if (!merged_) return false;
     add_delta_to(table_, T(-1));
     merged_ = false;
+    clear_cache();
     return true;
 }
 

@@ -37,6 +37,7 @@ class LoraLayerBase:
     """
 
     _param_names: tuple[str, str]
+    _kept_shape_attr: str  # the batch shape of the forward a backward would use, or None
     _core: Any
     _weight: np.ndarray
     _bias: np.ndarray | None
@@ -192,6 +193,12 @@ class LoraLayerBase:
         with self._guard:
             self._core.delta_weight(out)
         return out
+
+    def _forget_forward(self) -> None:
+        """Drop what the last training-mode forward kept (backward then raises until the next)."""
+        with self._guard.writing_layer("run a forward"):
+            self._core.clear_cache()
+            setattr(self, self._kept_shape_attr, None)
 
     def zero_grad(self) -> None:
         """Set the gradients of A and B to zero."""

@@ -63,6 +63,7 @@ class LoraEmbedding(LoraLayerBase):
     """
 
     _param_names = ("lora_embedding_A", "lora_embedding_B")
+    _kept_shape_attr = "_ids_shape"
 
     def __init__(self, weight: Any, *, r: int = 8, lora_alpha: float = 8,
                  padding_idx: int | None = None, use_rslora: bool = False,

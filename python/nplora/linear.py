@@ -64,6 +64,7 @@ class LoraLinear(LoraLayerBase):
     """
 
     _param_names = ("lora_A", "lora_B")
+    _kept_shape_attr = "_batch_shape"
 
     def __init__(self, weight: Any, bias: Any = None, *, r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, use_rslora: bool = False,

@@ -412,7 +412,8 @@ class LoraModel:
             A mixed batch: per row, the adapter to use, as an adapter name or an index into
             ``adapter_names``; ``-1``, ``None`` or ``"__base__"`` runs the base model alone, as
             do disabled adapters (``disable_adapter()``). A mixed batch is for inference: no
-            dropout, and nothing is kept for a backward.
+            dropout, and nothing is kept for a backward (what an earlier training-mode forward
+            of this module kept is dropped).
 
         Returns
         -------
@@ -427,6 +428,11 @@ class LoraModel:
             raise KeyError(f"{path!r} has no adapter")
         if module.merged_adapters():
             raise RuntimeError(f"{path!r} has merged adapters: unmerge before a mixed batch")
+        # It keeps nothing, so it drops what an earlier training-mode forward kept: a backward
+        # now raises instead of pairing that forward's input with this output's gradient.
+        for layer in module.layers.values():
+            if layer.training:
+                layer._forget_forward()
         with reading_all(layer._guard for layer in module.layers.values()):
             return mixed_forward(module, self.adapter_names, x, adapter_ids)
 
