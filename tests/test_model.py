@@ -237,6 +237,33 @@ def test_a_mixed_batch_in_training_mode_leaves_no_forward_for_backward(rng):
         model[module].backward(grad)
 
 
+def test_padding_idx_reaches_the_embedding_layers(rng, tmp_path):
+    weights = toy_weights(rng, np.float64)
+    config = LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False)
+    model = LoraModel(weights, config, seed=0, padding_idx={"model.embed_tokens": -VOCAB})
+    layer = model["model.embed_tokens"]
+    assert layer.padding_idx == 0
+    layer(np.array([0, 1, 0]))
+    layer.backward(np.ones((3, HIDDEN)))
+    assert not layer.lora_embedding_A_grad[:, 0].any() and layer.lora_embedding_A_grad[:, 1].all()
+    model.add_adapter("other", config, seed=1)  # later adapters get it too
+    assert model.layers("other")["model.embed_tokens"].padding_idx == 0
+    with pytest.raises(AttributeError):
+        layer.padding_idx = 1  # fixed at construction: assigning it was accepted and ignored
+    model.save_adapter(tmp_path)
+    loaded = nplora.load_adapter(tmp_path, weights, padding_idx={"model.embed_tokens": 3})
+    assert loaded["model.embed_tokens"].padding_idx == 3
+    with pytest.raises(KeyError, match="padding_idx names 'model.nope', which has no 2-D 'model.nope.weight'"):
+        LoraModel(weights, config, padding_idx={"model.nope": 0})
+    with pytest.raises(ValueError, match=rf"padding_idx\['model.embed_tokens'\] must be < {VOCAB}"):
+        LoraModel(weights, config, padding_idx={"model.embed_tokens": VOCAB})
+    with pytest.raises(TypeError, match="padding_idx must be a mapping"):
+        LoraModel(weights, config, padding_idx=0)
+    path = "model.layers.0.self_attn.q_proj"
+    with pytest.raises(ValueError, match=f"padding_idx names '{path}', which is adapted as a linear layer"):
+        LoraModel(weights, config, padding_idx={path: 0})
+
+
 def test_merging_under_disable_adapter_keeps_the_base_model(rng):
     weights = toy_weights(rng, np.float64)
     path = "model.layers.0.self_attn.q_proj"

@@ -215,3 +215,29 @@ def test_all_linear_targets_what_peft_targets():
         theirs = [n for n, m in wrapped.base_model.model.named_modules()
                   if isinstance(m, peft.tuners.lora.LoraLayer)]
         assert sorted(ours) == sorted(theirs), name
+
+
+def test_model_embedding_padding_idx_matches_peft():
+    # PEFT reads padding_idx from the torch module; a dict of weights does not hold it, so the
+    # model takes it as an argument. Without it the pad column of A got a gradient (PEFT: none).
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.embed_tokens = torch.nn.Embedding(6, 4, padding_idx=0).double()
+    weights = {k: v.detach().numpy().copy() for k, v in holder.state_dict().items()}
+    options = dict(r=2, lora_alpha=2, target_modules=["embed_tokens"], init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_layer = peft.get_peft_model(holder, peft.LoraConfig(**options)).base_model.model.embed_tokens
+    model = nplora.LoraModel(weights, nplora.LoraConfig(**options), seed=0,
+                             padding_idx={"embed_tokens": 0})
+    layer = model["embed_tokens"]
+    layer.lora_embedding_A = peft_layer.lora_embedding_A["default"].detach().numpy()
+    layer.lora_embedding_B = peft_layer.lora_embedding_B["default"].detach().numpy()
+    ids, grad = np.array([0, 2, 0, 5]), np.random.default_rng(1).standard_normal((4, 4))
+    out = peft_layer(torch.tensor(ids))
+    np.testing.assert_allclose(layer(ids), out.detach().numpy(), rtol=1e-12)
+    out.backward(torch.tensor(grad))
+    layer.backward(grad)
+    np.testing.assert_allclose(layer.lora_embedding_A_grad,
+                               peft_layer.lora_embedding_A["default"].grad.numpy(), rtol=1e-12, atol=1e-14)
+    assert not layer.lora_embedding_A_grad[:, 0].any()

@@ -77,7 +77,7 @@ class LoraEmbedding(LoraLayerBase):
                 raise ValueError(f"padding_idx must be < num_embeddings ({num_embeddings}), "
                                  f"got {padding_idx}")
             padding_idx %= num_embeddings  # torch accepts a negative padding_idx
-        self.padding_idx = padding_idx
+        self._padding_idx = padding_idx
         self.lora_alpha = check_real("lora_alpha", lora_alpha)
         self.use_rslora = bool(use_rslora)
         self.init_lora_weights = init_lora_weights
@@ -98,6 +98,11 @@ class LoraEmbedding(LoraLayerBase):
     def num_embeddings(self) -> int:
         """Rows of the table."""
         return int(self._core.num_embeddings)
+
+    @property
+    def padding_idx(self) -> int | None:
+        """The id whose column of lora_embedding_A gets no gradient, or None (fixed at construction)."""
+        return self._padding_idx
 
     @property
     def embedding_dim(self) -> int:

@@ -10,7 +10,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from ._arrays import as_weight
+from ._arrays import as_weight, check_int
 from ._guard import reading_all, writing_all
 from .adapters import (
     DEFAULT_ADAPTER,
@@ -77,6 +77,11 @@ class LoraModel:
         one of ``EMBEDDING_NAMES`` (``embed_tokens``, ``wte``, ``word_embeddings``, ...) is one.
     seed : int, optional
         Seeds every layer's initialisation (each module gets its own stream).
+    padding_idx : Mapping[str, int], optional
+        ``{embedding module path: padding id}``, e.g. ``{"model.embed_tokens":
+        config.pad_token_id}``: the torch module's ``padding_idx``, which PEFT reads from the
+        model and a dict of weights does not hold. That id's column of ``lora_embedding_A`` then
+        never gets a gradient, as in PEFT (its output is unchanged).
 
     Examples
     --------
@@ -86,7 +91,7 @@ class LoraModel:
 
     def __init__(self, base_weights: Mapping[str, Any], config: LoraConfig,
                  adapter_name: str = DEFAULT_ADAPTER, *, embedding_modules: Any = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, padding_idx: Mapping[str, int] | None = None) -> None:
         if not isinstance(base_weights, Mapping):
             raise TypeError(f"base_weights must be a mapping of name -> array, got "
                             f"{type(base_weights).__name__}")
@@ -96,10 +101,31 @@ class LoraModel:
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter: str | None = None
         self.embedding_modules = None if embedding_modules is None else frozenset(embedding_modules)
+        self.padding_idx = self._checked_padding(padding_idx)
         self._modules: dict[str, _Module] = {}
         self._adapters_disabled = False
         self.add_adapter(adapter_name, config, seed=seed)
         self.active_adapter = adapter_name
+
+    def _checked_padding(self, padding_idx: Mapping[str, int] | None) -> dict[str, int]:
+        if padding_idx is None:
+            return {}
+        if not isinstance(padding_idx, Mapping):
+            raise TypeError(f"padding_idx must be a mapping of module path -> id, got "
+                            f"{type(padding_idx).__name__}")
+        checked = {}
+        for path, value in padding_idx.items():
+            key = f"{path}.weight"
+            if key not in self.base_weights or len(self._shape(key)) != 2:
+                raise KeyError(f"padding_idx names {path!r}, which has no 2-D {key!r} in the "
+                               "base weights")
+            rows = self._shape(key)[0]
+            value = check_int(f"padding_idx[{path!r}]", value, -rows)
+            if value >= rows:
+                raise ValueError(f"padding_idx[{path!r}] must be < {rows} (the table's rows), "
+                                 f"got {value}")
+            checked[path] = value % rows  # torch accepts a negative padding_idx
+        return checked
 
     # ----------------------------------------------------------------- modules and matching
     def _module_paths(self) -> list[str]:
@@ -185,8 +211,12 @@ class LoraModel:
                     r=config.rank_for(path), lora_alpha=config.alpha_for(path),
                     use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
                     seed=layer_seed)
+                if kind != "embedding" and path in self.padding_idx:
+                    raise ValueError(f"padding_idx names {path!r}, which is adapted as a linear "
+                                     "layer, not an embedding (see embedding_modules)")
                 if kind == "embedding":
-                    layer: Layer = LoraEmbedding(module.weight, **common)
+                    layer: Layer = LoraEmbedding(module.weight,
+                                                 padding_idx=self.padding_idx.get(path), **common)
                 else:
                     try:
                         layer = LoraLinear(module.weight, module.bias,
@@ -624,7 +654,8 @@ class LoraModel:
 
 
 def load_adapter(directory: str | os.PathLike[str], base_weights: Mapping[str, Any],
-                 adapter_name: str = DEFAULT_ADAPTER, *, subfolder: str | None = None) -> LoraModel:
+                 adapter_name: str = DEFAULT_ADAPTER, *, subfolder: str | None = None,
+                 padding_idx: Mapping[str, int] | None = None) -> LoraModel:
     """Load a PEFT-format adapter onto `base_weights` and return the LoraModel.
 
     Parameters
@@ -637,6 +668,8 @@ def load_adapter(directory: str | os.PathLike[str], base_weights: Mapping[str, A
         Name to give the adapter in the model.
     subfolder : str, optional
         Read from ``directory/subfolder`` (a non-default adapter saved beside others).
+    padding_idx : Mapping[str, int], optional
+        ``{embedding module path: padding id}``, as for ``LoraModel``.
 
     Returns
     -------
@@ -650,6 +683,7 @@ def load_adapter(directory: str | os.PathLike[str], base_weights: Mapping[str, A
     model.peft_config = {}
     model.active_adapter = None
     model.embedding_modules = frozenset(p for p, m in modules.items() if m.kind == "embedding")
+    model.padding_idx = model._checked_padding(padding_idx)
     model._modules = {}
     model._adapters_disabled = False
     model._add_loaded(adapter_name, config, modules)
