@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -262,6 +263,33 @@ def test_padding_idx_reaches_the_embedding_layers(rng, tmp_path):
     path = "model.layers.0.self_attn.q_proj"
     with pytest.raises(ValueError, match=f"padding_idx names '{path}', which is adapted as a linear layer"):
         LoraModel(weights, config, padding_idx={path: 0})
+
+
+def test_tied_weights_are_not_merged_in_place(rng):
+    # lm_head.weight is embed_tokens.weight (tie_word_embeddings): merge_adapter() added both
+    # updates into the one array, silently changing both modules' outputs.
+    table = rng.standard_normal((VOCAB, HIDDEN))
+    weights = {"model.embed_tokens.weight": table, "lm_head.weight": table,
+               "model.layers.0.mlp.up_proj.weight": rng.standard_normal((HIDDEN, HIDDEN))}
+    config = LoraConfig(r=2, target_modules=["embed_tokens", "lm_head", "up_proj"],
+                        init_lora_weights=False)
+    with pytest.warns(nplora.LoraWarning, match="lm_head.weight and model.embed_tokens.weight "
+                                                r"are one array \(tied weights\)"):
+        model = LoraModel(weights, config, seed=0)
+    before = table.copy()
+    with pytest.raises(ValueError, match="tied weights.*merge_and_unload"):
+        model.merge_adapter()
+    assert np.array_equal(table, before) and not model["lm_head"].merged
+    merged = model.merge_and_unload()  # each module its own merged array
+    np.testing.assert_allclose(merged["lm_head.weight"], model["lm_head"].merged_weight())
+    np.testing.assert_allclose(merged["model.embed_tokens.weight"],
+                               model["model.embed_tokens"].merged_weight())
+    assert not np.allclose(merged["lm_head.weight"], merged["model.embed_tokens.weight"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # separate arrays: no warning, and merging works
+        untied = LoraModel({**weights, "lm_head.weight": table.copy()}, config, seed=0)
+    untied.merge_adapter()
+    assert untied["lm_head"].merged
 
 
 def test_merging_under_disable_adapter_keeps_the_base_model(rng):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
@@ -12,6 +13,7 @@ import numpy as np
 
 from ._arrays import as_weight, check_int
 from ._guard import reading_all, writing_all
+from ._layer import LoraWarning
 from .adapters import (
     DEFAULT_ADAPTER,
     AdapterMismatchError,
@@ -53,6 +55,29 @@ class _Module:
 
     def merged_adapters(self) -> list[str]:
         return [name for name, layer in self.layers.items() if layer.merged]
+
+
+def _tied_pairs(modules: Sequence[_Module]) -> list[tuple[str, str]]:
+    """Pairs of modules whose weights overlap in memory (tied weights: lm_head is embed_tokens)."""
+    # Module weights are C-contiguous, so each is one span of bytes: sorted by start, a module
+    # overlaps the earlier one that reaches furthest when it starts before that one ends.
+    spans = sorted((m.weight.__array_interface__["data"][0], m.weight.nbytes, m.path)
+                   for m in modules if m.weight.nbytes)
+    pairs, reach, reach_path = [], -1, ""
+    for start, size, path in spans:
+        if start < reach:
+            pairs.append((reach_path, path))
+        if start + size > reach:
+            reach, reach_path = start + size, path
+    return pairs
+
+
+def _tied_message(pairs: list[tuple[str, str]]) -> str:
+    first, second = pairs[0]
+    more = f" (and {len(pairs) - 1} more pairs)" if len(pairs) > 1 else ""
+    return (f"{first}.weight and {second}.weight are one array (tied weights){more}: an in-place "
+            "merge_adapter() would add both modules' updates into it, so it refuses; "
+            "merge_and_unload() gives each its own merged array")
 
 
 class LoraModel:
@@ -237,6 +262,11 @@ class LoraModel:
         self.peft_config[adapter_name] = config
         if self.active_adapter is None:
             self.active_adapter = adapter_name
+        new_paths = {module.path for module in created}
+        tied = [pair for pair in _tied_pairs(list(self._modules.values()))
+                if new_paths.intersection(pair)]
+        if tied:  # PEFT warns here too
+            warnings.warn(_tied_message(tied), LoraWarning, stacklevel=2)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make `adapter_name` the adapter that ``model[name]`` and training use.
@@ -471,7 +501,8 @@ class LoraModel:
         """Merge the active adapter into the base weights, in place (all modules or none).
 
         Read-only (memory-mapped) base weights raise ValueError before anything is changed; use
-        merge_and_unload() for those. With ``safe_merge`` every module is checked (NaN/Inf) before
+        merge_and_unload() for those, and for tied weights (two adapted modules over one array,
+        such as ``lm_head`` and ``embed_tokens``), whose updates would both land in it. With ``safe_merge`` every module is checked (NaN/Inf) before
         any is merged. A failure part-way (even KeyboardInterrupt) unmerges what was merged.
 
         Parameters
@@ -483,6 +514,9 @@ class LoraModel:
         if read_only:
             raise ValueError(f"{len(read_only)} base weight(s) are read-only (memory-mapped?), e.g. "
                              f"{read_only[0]}.weight: merge_and_unload() returns merged copies")
+        tied = _tied_pairs([self._modules[path] for path in self.layers()])
+        if tied:
+            raise ValueError(_tied_message(tied))
         todo = {path: layer for path, layer in self.layers().items() if not layer.merged}
         with writing_all([layer._guard for layer in todo.values()], "merge", weight=True):
             if safe_merge:
