@@ -292,6 +292,22 @@ def test_tied_weights_are_not_merged_in_place(rng):
     assert untied["lm_head"].merged
 
 
+def test_a_loaded_model_still_knows_its_embeddings(rng, tmp_path):
+    # load_adapter() used to take the file's embedding modules as the model's only ones: an
+    # all-linear adapter nplora saved could not be loaded back (embed_tokens counted as a linear
+    # target the file lacked), and a later add_adapter made embed_tokens a LoraLinear.
+    weights = toy_weights(rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", nplora.LoraWarning)
+        LoraModel(weights, LoraConfig(r=2, target_modules="all-linear")).save_adapter(tmp_path / "all")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing missing, nothing extra
+        loaded = nplora.load_adapter(tmp_path / "all", weights)
+    assert "model.embed_tokens" not in loaded.targets and len(loaded.targets) == 4 * LAYERS
+    loaded.add_adapter("emb", LoraConfig(r=2, target_modules=["embed_tokens"]))
+    assert isinstance(loaded.layers("emb")["model.embed_tokens"], nplora.LoraEmbedding)
+
+
 def test_merging_under_disable_adapter_keeps_the_base_model(rng):
     weights = toy_weights(rng, np.float64)
     path = "model.layers.0.self_attn.q_proj"
@@ -435,8 +451,13 @@ def test_loading_checks_every_tensor(rng, tmp_path):
     config["r"] = 2
     config["target_modules"] = ["q_proj", "v_proj"]
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(nplora.AdapterMismatchError, match="has no tensors for"):
-        nplora.load_adapter(tmp_path, weights)
+    # Targeted but not in the file: a base with more modules than the adapter's model (BERT's
+    # pooler beside a masked-LM adapter). PEFT loads it and warns of the missing keys; so does
+    # nplora, adapting only the file's modules (it raised AdapterMismatchError).
+    with pytest.warns(nplora.LoraWarning, match=r"targets 3 module\(s\) the adapter file has no "
+                                                r"tensors for, e.g. \['model.layers.0.self_attn.v_proj'"):
+        partial = nplora.load_adapter(tmp_path, weights)
+    assert sorted(partial.targets) == sorted(model.targets)
     os.replace(tmp_path / "adapter_model.safetensors", tmp_path / "adapter_model.bin")
     with pytest.raises(nplora.AdapterFormatError, match="pickled PyTorch"):
         nplora.load_adapter(tmp_path, weights)

@@ -165,6 +165,11 @@ class LoraModel:
         return tuple(shape_of(key)) if shape_of else tuple(np.shape(self.base_weights[key]))
 
     def _is_embedding(self, path: str) -> bool:
+        # A loaded file's tensor names say which of its modules are embeddings; for the others,
+        # embedding_modules or the names decide.
+        kind = self.__dict__.get("_file_kinds", {}).get(path)
+        if kind is not None:
+            return kind == "embedding"
         if self.embedding_modules is not None:
             return path in self.embedding_modules
         return path.rsplit(".", 1)[-1] in EMBEDDING_NAMES
@@ -661,7 +666,9 @@ class LoraModel:
     def _add_loaded(self, adapter_name: str, config: LoraConfig,
                     modules: Mapping[str, AdapterModule]) -> None:
         self._check_against_base(config, modules)
-        self.add_adapter(adapter_name, config, kinds={p: m.kind for p, m in modules.items()})
+        kinds = {p: m.kind for p, m in modules.items()}
+        self.add_adapter(adapter_name, config, kinds=kinds)
+        self.__dict__.setdefault("_file_kinds", {}).update(kinds)
         for path, record in modules.items():
             layer = self._modules[path].layers[adapter_name]
             if isinstance(layer, LoraLinear):
@@ -716,7 +723,12 @@ def load_adapter(directory: str | os.PathLike[str], base_weights: Mapping[str, A
     model.base_weights = base_weights
     model.peft_config = {}
     model.active_adapter = None
-    model.embedding_modules = frozenset(p for p, m in modules.items() if m.kind == "embedding")
+    # By name, as LoraModel's default, so adapters added later find their embeddings; the file's
+    # own modules are what its tensor names say (_file_kinds). (Setting this to the file's
+    # embeddings made every other table a linear layer: an all-linear adapter nplora had saved
+    # could not be loaded back, and a later add_adapter adapted embed_tokens as a linear layer.)
+    model.embedding_modules = None
+    model._file_kinds = {}
     model.padding_idx = model._checked_padding(padding_idx)
     model._modules = {}
     model._adapters_disabled = False

@@ -128,8 +128,9 @@ def match_targets(config: LoraConfig, paths: Sequence[str], is_embedding: Callab
 def check_adapter_modules(config: LoraConfig, modules: Mapping[str, AdapterModule],
                           paths: Sequence[str], is_embedding: Callable[[str], bool],
                           shape_of: Callable[[str], tuple[int, ...] | None]) -> None:
-    """AdapterMismatchError unless the adapter's `modules` are exactly the ones `config` targets
-    among the base model's module `paths`, each with the base weight shape its matrices need.
+    """AdapterMismatchError unless the adapter's `modules` are among the ones `config` targets
+    in the base model's module `paths`, each with the base weight shape its matrices need
+    (targeted modules the file lacks are a LoraWarning, as PEFT's missing keys).
 
     ``shape_of(key)`` is the shape of base weight `key`, None when there is no such weight.
     """
@@ -150,9 +151,12 @@ def check_adapter_modules(config: LoraConfig, modules: Mapping[str, AdapterModul
                 if is_target(config, p, kinds[p] == "embedding" if p in kinds else is_embedding(p))}
     missing, extra = sorted(targeted - set(modules)), sorted(set(modules) - targeted)
     if missing:
-        raise AdapterMismatchError(
+        # A base checkpoint with more modules than the model the adapter was trained on (BERT's
+        # pooler beside a masked-LM adapter): PEFT loads it and warns of the missing keys.
+        warnings.warn(
             f"the config targets {len(missing)} module(s) the adapter file has no tensors for, "
-            f"e.g. {missing[:3]}")
+            f"e.g. {missing[:3]}: they get no adapter (is the base a larger model than the one "
+            "the adapter was trained on?)", LoraWarning, stacklevel=_first_frame_outside_package())
     if extra:
         raise AdapterMismatchError(
             f"the adapter file has tensors for {len(extra)} module(s) its config does not "
