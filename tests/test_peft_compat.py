@@ -5,6 +5,7 @@ Skipped where torch or peft is not installed (.ci/run installs both).
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -197,12 +198,30 @@ def tiny_transformers_models():
         tie_word_embeddings=False)), False
     yield "gpt2", transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_embd=16, n_layer=1, n_head=2, vocab_size=40, tie_word_embeddings=False)), True
+    # Output layers and embedding tables by other names (all adapted as linear layers before).
+    t = transformers
+    yield "distilbert-mlm", t.DistilBertForMaskedLM(t.DistilBertConfig(
+        vocab_size=40, dim=16, hidden_dim=32, n_layers=1, n_heads=2)), False
+    yield "albert-mlm", t.AlbertForMaskedLM(t.AlbertConfig(
+        vocab_size=40, embedding_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2)), False
+    yield "clip-text", t.CLIPTextModel(t.CLIPTextConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, projection_dim=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)), False
+    yield "deberta-v2-mlm", t.DebertaV2ForMaskedLM(t.DebertaV2Config(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, relative_attention=True, position_buckets=8,
+        max_relative_positions=16)), False
+    yield "xlnet-lm", t.XLNetLMHeadModel(t.XLNetConfig(
+        vocab_size=40, d_model=16, d_inner=32, n_layer=1, n_head=2)), False
+    yield "xlm-lm", t.XLMWithLMHeadModel(t.XLMConfig(vocab_size=40, emb_dim=16, n_layers=1, n_heads=2)), False
 
 
 def test_all_linear_targets_what_peft_targets():
     # PEFT leaves out the model's output layer (get_output_embeddings()); nplora, with no model to
     # ask, knows those layers' names. It used to adapt BERT's cls.predictions.decoder, GPT-NeoX's
-    # embed_out, RoBERTa's lm_head.decoder and T5's relative_attention_bias (an embedding).
+    # embed_out, RoBERTa's lm_head.decoder and T5's relative_attention_bias (an embedding), then
+    # DistilBERT's vocab_projector, CLIP's token_embedding and the like.
     torch.manual_seed(0)
     for name, model, fan_in_fan_out in tiny_transformers_models():
         weights = {k: v.detach().numpy() for k, v in model.state_dict().items()
@@ -215,6 +234,33 @@ def test_all_linear_targets_what_peft_targets():
         theirs = [n for n, m in wrapped.base_model.model.named_modules()
                   if isinstance(m, peft.tuners.lora.LoraLayer)]
         assert sorted(ours) == sorted(theirs), name
+
+
+def test_an_all_linear_adapter_is_saved_as_its_module_list(tmp_path):
+    # PEFT saves "all-linear" resolved to the modules it took; a file that said "all-linear" was
+    # resolved again by PEFT, which dropped DistilBERT's vocab_projector tensors without a word.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.DistilBertForMaskedLM(transformers.DistilBertConfig(
+        vocab_size=40, dim=16, hidden_dim=32, n_layers=1, n_heads=2)).eval()
+    weights = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()
+               if v.ndim <= 2 and v.is_floating_point()}
+    ours = nplora.LoraModel(weights, nplora.LoraConfig(r=2, target_modules="all-linear",
+                                                      init_lora_weights=False), seed=0)
+    ours.save_adapter(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    assert saved == sorted(ours.targets) and ours.peft_config["default"].target_modules == "all-linear"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(model, tmp_path)
+    rng = np.random.default_rng(0)
+    for path in ours.targets:  # each module computes what PEFT's does with the loaded tensors
+        x = rng.standard_normal((3, ours[path].in_features)).astype(np.float32)
+        with torch.no_grad():
+            want = theirs.base_model.model.get_submodule(path)(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(ours[path](x), want, rtol=1e-4, atol=1e-5)
+    assert sorted(n for n, m in theirs.base_model.model.named_modules()
+                  if isinstance(m, peft.tuners.lora.LoraLayer)) == sorted(ours.targets)
 
 
 def test_model_embedding_padding_idx_matches_peft():

@@ -250,6 +250,21 @@ def test_a_failed_save_leaves_the_previous_adapter(tmp_path: Path, monkeypatch: 
     assert file_bytes(tmp_path / "adapter") == saved
 
 
+def test_a_failed_save_of_several_adapters_writes_none(tmp_path: Path) -> None:
+    # The second adapter's config could not be written as JSON after the first's files had been
+    # replaced: the folder held a new default beside the old "second".
+    model = make_model(np.float32)
+    config = nplora.LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj"], init_lora_weights=False)
+    model.add_adapter("second", config, seed=1)
+    model.save_adapter(tmp_path)
+    saved = file_bytes(tmp_path)
+    model["model.layers.0.self_attn.q_proj"].lora_A[...] = 7
+    model.peft_config["second"].extra["note"] = np.float32(1.5)
+    with pytest.raises(TypeError, match="cannot be written as JSON"):
+        model.save_adapter(tmp_path)
+    assert file_bytes(tmp_path) == saved
+
+
 def test_saved_files_get_the_umasks_permissions(tmp_path: Path) -> None:
     previous = os.umask(0o022)
     try:

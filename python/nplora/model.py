@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
 import zlib
@@ -620,7 +621,8 @@ class LoraModel:
         """Save adapters in PEFT's format: "default" in `directory`, others in ``directory/<name>/``.
 
         Each file is written to a temporary file and renamed, so an interrupted save leaves the
-        previous adapter readable.
+        previous adapter readable; every config is serialised before any file is written.
+        ``target_modules="all-linear"`` is written as the list of modules it adapted, as PEFT does.
 
         Parameters
         ----------
@@ -629,10 +631,28 @@ class LoraModel:
         adapter_names : sequence of str, optional
             Which adapters to save; all by default.
         """
-        for name in adapter_names or self.adapter_names:
+        names = list(adapter_names or self.adapter_names)
+        for name in names:
             if name not in self.peft_config:
                 raise KeyError(f"no adapter {name!r}; adapters: {self.adapter_names}")
-            write_adapter(directory, self.peft_config[name], self.adapter_modules(name), name)
+        configs = {name: self._config_to_save(name) for name in names}
+        for config in configs.values():  # every config that cannot be written fails before any file
+            config.to_json_text()
+        for name, config in configs.items():
+            write_adapter(directory, config, self.adapter_modules(name), name)
+
+    def _config_to_save(self, adapter_name: str) -> LoraConfig:
+        """The adapter's config as PEFT saves it: "all-linear" expanded to the modules it took.
+
+        PEFT resolves "all-linear" against the torch model and saves the list; a file that still
+        says "all-linear" is resolved again by whoever loads it, and PEFT's idea of the output layer
+        or of an embedding can differ from a dict of weights' (it would drop tensors silently).
+        """
+        config = self.peft_config[adapter_name]
+        targets = config.target_modules
+        if isinstance(targets, str) and targets.lower() == "all-linear":
+            config = dataclasses.replace(config, target_modules=sorted(self.layers(adapter_name)))
+        return config
 
     def load_adapter(self, directory: str | os.PathLike[str], adapter_name: str = DEFAULT_ADAPTER,
                      *, subfolder: str | None = None) -> None:

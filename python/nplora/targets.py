@@ -19,6 +19,9 @@ EMBEDDING_NAMES = frozenset({
     "embed_tokens", "embed_positions", "embed_in", "wte", "wpe", "word_embeddings",
     "position_embeddings", "token_type_embeddings", "tok_embeddings", "shared", "embeddings",
     "relative_attention_bias",  # T5's per-bucket attention bias, an nn.Embedding
+    "token_embedding", "position_embedding",  # CLIP's text and vision towers
+    "rel_embeddings",  # DeBERTa-v2's relative positions
+    "word_embedding",  # XLNet
 })
 
 
@@ -31,6 +34,10 @@ OUTPUT_LAYER_NAMES = (
     "cls.predictions.decoder",  # BERT-style masked LMs
     "lm_head.decoder",  # RoBERTa-style masked LMs (lm_head.dense stays a target)
     "generator_lm_head",  # ELECTRA
+    "vocab_projector",  # DistilBERT
+    "predictions.decoder",  # ALBERT
+    "lm_loss",  # XLNet
+    "pred_layer.proj",  # XLM
 )
 
 
