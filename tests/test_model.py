@@ -276,6 +276,8 @@ def test_tied_weights_are_not_merged_in_place(rng):
     with pytest.warns(nplora.LoraWarning, match="lm_head.weight and model.embed_tokens.weight "
                                                 r"are one array \(tied weights\)"):
         model = LoraModel(weights, config, seed=0)
+    trainable, total = model.get_nb_trainable_parameters()  # the tied table counts once
+    assert total - trainable == table.size + HIDDEN * HIDDEN
     before = table.copy()
     with pytest.raises(ValueError, match="tied weights.*merge_and_unload"):
         model.merge_adapter()

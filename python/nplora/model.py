@@ -453,10 +453,21 @@ class LoraModel:
         -------
         (int, int)
             Trainable parameters of the active adapter, and all parameters (every base weight
-            plus those trainable ones).
+            plus those trainable ones; a tied weight, one array under two names, counts once, as
+            torch's ``parameters()`` does).
         """
         trainable = sum(a.size for _, a in self.named_parameters())
-        frozen = sum(int(np.prod(self._shape(k))) for k in self.base_weights)
+        frozen, seen = 0, set()
+        lazy = hasattr(self.base_weights, "shape_of")  # a file's tensors: never one array twice
+        for key in self.base_weights:
+            if not lazy:
+                array = self.base_weights[key]
+                if isinstance(array, np.ndarray):
+                    identity = (array.__array_interface__["data"][0], array.shape, array.strides)
+                    if identity in seen:
+                        continue
+                    seen.add(identity)
+            frozen += int(np.prod(self._shape(key)))
         return int(trainable), int(frozen + trainable)
 
     def print_trainable_parameters(self) -> None:
