@@ -297,9 +297,7 @@ def test_validation_also_runs_on_save(tmp_path: Path) -> None:
         ({"init_lora_weights": "pissa_niter_4"}, "pissa_niter_4"),
         ({"init_lora_weights": "olora"}, "olora"),
         ({"init_lora_weights": "loftq"}, "loftq"),
-        ({"init_lora_weights": "eva"}, "eva"),
         ({"init_lora_weights": "corda"}, "corda"),
-        ({"init_lora_weights": "orthogonal"}, "orthogonal"),
         ({"init_lora_weights": "mica"}, "mica"),
         ({"init_lora_weights": "lora_ga"}, "lora_ga"),
         ({"extra": {"lora_bias": True}}, "lora_bias"),
@@ -314,6 +312,12 @@ def test_validation_also_runs_on_save(tmp_path: Path) -> None:
         ({"extra": {"use_bdlora": {"nblocks": 2}}}, "use_bdlora"),
         ({"extra": {"arrow_config": {"top_k": 2}}}, "arrow_config"),
         ({"extra": {"kasa_config": {"beta": 0.1}}}, "kasa_config"),
+        # {} is on in PEFT: it becomes the sub-config's defaults (it loaded as plain LoRA here).
+        ({"extra": {"kasa_config": {}}}, "kasa_config"),
+        ({"extra": {"arrow_config": {}}}, "arrow_config"),
+        ({"extra": {"use_bdlora": {}}}, "use_bdlora"),
+        ({"extra": {"velora_config": {}}}, "velora_config"),
+        ({"extra": {"monteclora_config": {}}}, "monteclora_config"),
         ({"extra": {"ensure_weight_tying": True}}, "ensure_weight_tying"),
     ],
 )

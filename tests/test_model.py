@@ -310,6 +310,34 @@ def test_a_loaded_model_still_knows_its_embeddings(rng, tmp_path):
     assert isinstance(loaded.layers("emb")["model.embed_tokens"], nplora.LoraEmbedding)
 
 
+def test_inits_that_only_choose_the_start_load_but_do_not_start(rng, tmp_path):
+    # EVA and orthogonal inits leave the base weight alone, so an adapter trained from them loads
+    # like any other (it was refused); nplora cannot start a new one that way.
+    weights = toy_weights(rng)
+    trained = LoraModel(weights, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), seed=0)
+    trained.save_adapter(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    for init in ("eva", "orthogonal", "Gaussian"):
+        config = json.loads(config_file.read_text())
+        config["init_lora_weights"] = init
+        config_file.write_text(json.dumps(config))
+        loaded = nplora.load_adapter(tmp_path, weights)
+        path = "model.layers.0.self_attn.q_proj"
+        assert np.array_equal(loaded[path].lora_A, trained[path].lora_A)
+        assert np.array_equal(loaded[path].lora_B, trained[path].lora_B)
+    for init in ("eva", "orthogonal"):
+        with pytest.raises(NotImplementedError, match=f"init_lora_weights='{init}' is not supported "
+                                                      "by nplora for a new adapter"):
+            LoraModel(weights, LoraConfig(target_modules=["q_proj"], init_lora_weights=init))
+    # PEFT compares "gaussian" in any case: the config took "Gaussian", the layers did not.
+    gaussian = LoraModel(weights, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="Gaussian"))
+    layer = gaussian["model.layers.0.self_attn.q_proj"]  # PEFT's gaussian: A ~ N(0, 1/r), B = 0
+    assert layer.lora_A.any() and not layer.lora_B.any()
+    layer = nplora.LoraLinear(np.ones((3, 4)), r=2, init_lora_weights="GAUSSIAN", seed=0)
+    assert np.array_equal(layer.lora_A, nplora.LoraLinear(np.ones((3, 4)), r=2, seed=0,
+                                                          init_lora_weights="gaussian").lora_A)
+
+
 def test_merging_under_disable_adapter_keeps_the_base_model(rng):
     weights = toy_weights(rng, np.float64)
     path = "model.layers.0.self_attn.q_proj"

@@ -149,8 +149,8 @@ def init_mode(init_lora_weights: Any) -> int:
         return INIT_MODES["default"]
     if init_lora_weights is False:
         return INIT_MODES["random"]
-    if init_lora_weights == "gaussian":
-        return INIT_MODES["gaussian"]
+    if isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian":
+        return INIT_MODES["gaussian"]  # as PEFT, whatever the case
     if isinstance(init_lora_weights, str):
         raise NotImplementedError(
             f"init_lora_weights={init_lora_weights!r} is not supported by nplora "

@@ -52,7 +52,14 @@ _MODEL_CHANGING_EXTRAS: dict[str, str] = {
 # init_lora_weights values PEFT implements and nplora does not. PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ
 # also rewrite the base weight, so loading such an adapter onto the original weights would be wrong.
 _UNSUPPORTED_INIT_PREFIXES = ("pissa", "corda")  # "pissa_niter_16" etc.
-_UNSUPPORTED_INITS = ("olora", "mica", "loftq", "eva", "orthogonal", "lora_ga")
+_UNSUPPORTED_INITS = ("olora", "mica", "loftq", "lora_ga")
+# Inits that only choose where training starts (the base weight is untouched): an adapter trained
+# from them loads like any other, but nplora cannot start a fresh one that way.
+FRESH_ONLY_INITS = ("eva", "orthogonal")
+# Sub-configs PEFT turns into an object whatever their content ({} included: its defaults), so
+# any value but None (or False) switches the variant on; the other extras go by truthiness.
+_SUBCONFIG_EXTRAS = frozenset({"velora_config", "monteclora_config", "arrow_config", "kasa_config",
+                               "use_bdlora"})
 
 
 def _fail(name: str, expected: str, value: Any, exc: type[Exception] = ValueError) -> Exception:
@@ -242,7 +249,7 @@ class LoraConfig:
         if not isinstance(init, str):
             raise _fail("init_lora_weights", "True, False or 'gaussian'", init, TypeError)
         # PEFT compares "gaussian", "olora" and "mica" case-insensitively (LoraLayer.update_layer).
-        if init.lower() == "gaussian":
+        if init.lower() == "gaussian" or init.lower() in FRESH_ONLY_INITS:
             return
         if init.startswith(_UNSUPPORTED_INIT_PREFIXES) or init.lower() in _UNSUPPORTED_INITS:
             raise NotImplementedError(
@@ -326,7 +333,8 @@ class LoraConfig:
                 f"modules_to_save={self.modules_to_save!r} is not supported by nplora (must be empty)"
             )
         for key, what in _MODEL_CHANGING_EXTRAS.items():
-            if self.extra.get(key):
+            value = self.extra.get(key)
+            if value is not None and value is not False if key in _SUBCONFIG_EXTRAS else value:
                 raise NotImplementedError(f"{key}={self.extra[key]!r} ({what}) is not supported by nplora")
 
     # ----------------------------------------------------------------------------- patterns

@@ -24,7 +24,7 @@ from .adapters import (
     read_adapter,
     write_adapter,
 )
-from .config import CONFIG_NAME, LoraConfig
+from .config import CONFIG_NAME, FRESH_ONLY_INITS, LoraConfig
 from .embedding import LoraEmbedding
 from .linear import LoraLinear, swap_adapters
 from .targets import EMBEDDING_NAMES, check_adapter_modules, match_targets
@@ -228,6 +228,10 @@ class LoraModel:
             raise ValueError(f"adapter {adapter_name!r} already exists")
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
+        init = config.init_lora_weights
+        if kinds is None and isinstance(init, str) and init.lower() in FRESH_ONLY_INITS:
+            raise NotImplementedError(f"init_lora_weights={init!r} is not supported by nplora for a new "
+                                      "adapter (an adapter trained from it loads: load_adapter)")
         paths = list(kinds) if kinds is not None else self._matched_paths(config)
         base_seed = np.random.SeedSequence(seed).generate_state(1, np.uint32)[0] if seed is None \
             else seed
@@ -240,7 +244,9 @@ class LoraModel:
                 layer_seed = (int(base_seed) * 1_000_003 + zlib.crc32(path.encode())) % 2**63
                 common: dict[str, Any] = dict(
                     r=config.rank_for(path), lora_alpha=config.alpha_for(path),
-                    use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
+                    use_rslora=config.use_rslora,
+                    # Loading: A and B come from the file, so how they would start does not matter.
+                    init_lora_weights=config.init_lora_weights if kinds is None else True,
                     seed=layer_seed)
                 if kind != "embedding" and path in self.padding_idx:
                     raise ValueError(f"padding_idx names {path!r}, which is adapted as a linear "
