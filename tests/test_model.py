@@ -338,6 +338,17 @@ def test_inits_that_only_choose_the_start_load_but_do_not_start(rng, tmp_path):
                                                           init_lora_weights="gaussian").lora_A)
 
 
+def test_a_regex_that_matches_a_container_is_refused_as_in_peft(rng):
+    # PEFT fullmatches the regex against containers too and refuses them; nplora adapted the
+    # leaves and saved a file PEFT would not load.
+    weights = toy_weights(rng)
+    for pattern, container in ((r"model\.layers\.0\..*", "model.layers.0.mlp"),
+                               (r".*self_attn.*", "model.layers.0.self_attn"), (r".*", "model")):
+        with pytest.raises(ValueError, match=f"also matches '{container}', which holds other modules"):
+            LoraModel(weights, LoraConfig(target_modules=pattern))
+    assert len(LoraModel(weights, LoraConfig(target_modules=r".*self_attn\.(q|v)_proj")).targets) == 2 * LAYERS
+
+
 def test_merging_under_disable_adapter_keeps_the_base_model(rng):
     weights = toy_weights(rng, np.float64)
     path = "model.layers.0.self_attn.q_proj"

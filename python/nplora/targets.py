@@ -111,12 +111,24 @@ def match_targets(config: LoraConfig, paths: Sequence[str], is_embedding: Callab
     LoraWarning (a typo in a name would otherwise just train nothing there).
     """
     matched = [p for p in paths if is_target(config, p, is_embedding(p))]
+    targets = config.target_modules
+    if isinstance(targets, str) and targets.lower() != "all-linear":
+        # PEFT fullmatches the regex against every module, containers too, and refuses a match it
+        # cannot adapt ("Target module LlamaAttention(...) is not supported"): refused here as
+        # well, rather than adapting the leaves into a file PEFT will not load.
+        leaves = set(paths)
+        for container in sorted({p.rsplit(".", k)[0] for p in paths for k in range(1, p.count(".") + 1)}
+                                - leaves):
+            if re.fullmatch(targets, container):
+                raise ValueError(
+                    f"target_modules={targets!r} also matches {container!r}, which holds other "
+                    "modules: PEFT refuses such a pattern (match the layers only, e.g. end it "
+                    "in a module name such as '(q|v)_proj')")
     if not matched:
         raise ValueError(
             f"target_modules={config.target_modules!r} matched none of the "
             f"{len(paths)} modules (e.g. {list(paths[:3])})")
     level = _first_frame_outside_package()
-    targets = config.target_modules
     if isinstance(targets, list):
         for target in targets:
             if not any(p == target or p.endswith("." + target) for p in matched):
