@@ -254,6 +254,11 @@ def test_padding_idx_reaches_the_embedding_layers(rng, tmp_path):
     model.save_adapter(tmp_path)
     loaded = nplora.load_adapter(tmp_path, weights, padding_idx={"model.embed_tokens": 3})
     assert loaded["model.embed_tokens"].padding_idx == 3
+    other = nplora.load_adapter(tmp_path, weights, "other")  # from tmp_path/other, as the method
+    assert other.adapter_names == ["other"]
+    for path, layer in model.layers("other").items():
+        for (name, got), (_, want) in zip(other[path].named_parameters(), layer.named_parameters()):
+            assert np.array_equal(got, want), (path, name)
     with pytest.raises(KeyError, match="padding_idx names 'model.nope', which has no 2-D 'model.nope.weight'"):
         LoraModel(weights, config, padding_idx={"model.nope": 0})
     with pytest.raises(ValueError, match=rf"padding_idx\['model.embed_tokens'\] must be < {VOCAB}"):

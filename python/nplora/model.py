@@ -745,7 +745,8 @@ def load_adapter(directory: str | os.PathLike[str], base_weights: Mapping[str, A
     adapter_name : str
         Name to give the adapter in the model.
     subfolder : str, optional
-        Read from ``directory/subfolder`` (a non-default adapter saved beside others).
+        Read from ``directory/subfolder`` (a non-default adapter saved beside others). Without
+        it, ``directory/adapter_name`` is read when it holds an adapter, else `directory`.
     padding_idx : Mapping[str, int], optional
         ``{embedding module path: padding id}``, as for ``LoraModel``.
 
@@ -755,6 +756,8 @@ def load_adapter(directory: str | os.PathLike[str], base_weights: Mapping[str, A
         The model, with this adapter active; ``model[path]`` are its layers.
     """
     folder = os.path.join(os.fspath(directory), subfolder) if subfolder else os.fspath(directory)
+    if not subfolder and (adapter_directory(folder, adapter_name) / CONFIG_NAME).is_file():
+        folder = os.fspath(adapter_directory(folder, adapter_name))  # as LoraModel.load_adapter
     config, modules = read_adapter(folder)
     model = LoraModel.__new__(LoraModel)
     model.base_weights = base_weights
