@@ -387,3 +387,25 @@ def test_results_identical_for_one_and_two_threads(rng, backend):
     nplora.set_num_threads(2)
     for first, second in zip(*results):
         np.testing.assert_allclose(first, second, rtol=1e-12, atol=1e-12)
+
+
+def test_assigning_a_parameter_drops_the_kept_forward_and_refuses_non_real_values(rng):
+    # A backward after `layer.lora_A = new` mixed the old A (in the kept x A^T) with the new one:
+    # PyTorch refuses a backward after such an in-place change. The cast of a complex array
+    # dropped its imaginary part with only NumPy's warning; strings gave pybind's message.
+    layer, _, _ = make_layer(rng, np.float64)
+    for name in ("lora_A", "lora_B"):
+        layer(rng.standard_normal((3, 7)))
+        setattr(layer, name, getattr(layer, name) * 2)
+        with pytest.raises(RuntimeError, match="needs a forward"):
+            layer.backward(np.ones((3, 5)))
+    layer(rng.standard_normal((3, 7)))
+    layer.lora_A_grad = np.zeros_like(layer.lora_A_grad)  # a gradient: the forward still serves
+    layer.backward(np.ones((3, 5)))
+    for bad in (layer.lora_A + 1j, np.full(layer.lora_A.shape, "1.5"), "abc", None,
+                np.array(layer.lora_A, dtype=object)):
+        with pytest.raises(TypeError, match="lora_A must be real numbers, got dtype"):
+            layer.lora_A = bad
+    emb = nplora.LoraEmbedding(np.ones((6, 4)), r=2)
+    with pytest.raises(TypeError, match="lora_embedding_B must be real numbers, got dtype complex128"):
+        emb.lora_embedding_B = emb.lora_embedding_B + 1j

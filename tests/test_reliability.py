@@ -440,6 +440,11 @@ def test_changes_refuse_while_another_thread_reads_and_reads_run_alongside() -> 
                 call()
         with pytest.raises(RuntimeError, match=busy):
             layer.adapter_enabled = False
+        a = layer.lora_A.copy()
+        for name in ("lora_A", "lora_B", "lora_A_grad"):  # copied in while the forward read A
+            with pytest.raises(RuntimeError, match=busy):
+                setattr(layer, name, np.zeros_like(getattr(layer, name)))
+        assert np.array_equal(layer.lora_A, a)
         assert not layer.merged and layer.training is False
     finally:
         reader.release()

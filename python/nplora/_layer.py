@@ -20,6 +20,31 @@ class LoraWarning(UserWarning):
     """Warnings from nplora (a second merge, an unmerge with nothing merged, ...)."""
 
 
+def parameter_property(name: str, doc: str) -> property:
+    """A layer attribute over the core's array `name` (A, B or a gradient), which shares the
+    layer's memory; assigning a whole array copies it in.
+
+    Assigning takes the layer to itself (no eval forward reads A while it is written). A new A or
+    B also drops what the last training-mode forward kept: its backward would mix the old values
+    (kept x A^T) with the new ones, as PyTorch refuses after an in-place change. Complex, string
+    or object arrays are a TypeError (NumPy's cast would drop an imaginary part with a warning).
+    """
+    def get(self: LoraLayerBase) -> np.ndarray:
+        return getattr(self._core, name)
+
+    def assign(self: LoraLayerBase, value: Any) -> None:
+        array = np.asarray(value)
+        if array.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must be real numbers, got dtype {array.dtype}")
+        with self._guard.writing_layer(f"assign {name}"):
+            setattr(self._core, name, array)
+            if not name.endswith("_grad"):
+                self._core.clear_cache()
+                setattr(self, self._kept_shape_attr, None)
+
+    return property(get, assign, doc=doc)
+
+
 class LoraLayerBase:
     """Base of the LoRA layers: a frozen weight, a low-rank pair (A, B) and their gradients.
 

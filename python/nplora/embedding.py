@@ -19,7 +19,7 @@ from ._arrays import (
     output_array,
     resolve_seed,
 )
-from ._layer import LoraLayerBase
+from ._layer import LoraLayerBase, parameter_property
 
 _CORE_EMBEDDING = {np.dtype(np.float32): _core.LoraEmbedding_float32,
                    np.dtype(np.float64): _core.LoraEmbedding_float64}
@@ -109,20 +109,12 @@ class LoraEmbedding(LoraLayerBase):
         """Width of each embedding."""
         return int(self._core.embedding_dim)
 
-    lora_embedding_A = property(lambda self: self._core.lora_embedding_A,
-                                lambda self, value: setattr(self._core, "lora_embedding_A", value),
-                                doc="Trainable A, shape (r, num_embeddings).")
-    lora_embedding_B = property(lambda self: self._core.lora_embedding_B,
-                                lambda self, value: setattr(self._core, "lora_embedding_B", value),
-                                doc="Trainable B, shape (embedding_dim, r).")
-    lora_embedding_A_grad = property(
-        lambda self: self._core.lora_embedding_A_grad,
-        lambda self, value: setattr(self._core, "lora_embedding_A_grad", value),
-        doc="Accumulated gradient of lora_embedding_A, shape (r, num_embeddings).")
-    lora_embedding_B_grad = property(
-        lambda self: self._core.lora_embedding_B_grad,
-        lambda self, value: setattr(self._core, "lora_embedding_B_grad", value),
-        doc="Accumulated gradient of lora_embedding_B, shape (embedding_dim, r).")
+    lora_embedding_A = parameter_property("lora_embedding_A", "Trainable A, shape (r, num_embeddings).")
+    lora_embedding_B = parameter_property("lora_embedding_B", "Trainable B, shape (embedding_dim, r).")
+    lora_embedding_A_grad = parameter_property(
+        "lora_embedding_A_grad", "Accumulated gradient of lora_embedding_A, shape (r, num_embeddings).")
+    lora_embedding_B_grad = parameter_property(
+        "lora_embedding_B_grad", "Accumulated gradient of lora_embedding_B, shape (embedding_dim, r).")
 
     def forward(self, ids: Any, *, out: np.ndarray | None = None) -> np.ndarray:
         """Look up embeddings.

@@ -20,7 +20,7 @@ from ._arrays import (
     resolve_seed,
 )
 from ._guard import writing_all
-from ._layer import LoraLayerBase
+from ._layer import LoraLayerBase, parameter_property
 
 _CORE_LINEAR = {np.dtype(np.float32): _core.LoraLinear_float32, np.dtype(np.float64): _core.LoraLinear_float64}
 
@@ -108,18 +108,14 @@ class LoraLinear(LoraLayerBase):
         """Width of the output."""
         return int(self._core.out_features)
 
-    lora_A = property(lambda self: self._core.lora_A,
-                      lambda self, value: setattr(self._core, "lora_A", value),
-                      doc="Trainable A, shape (r, in_features), sharing the layer's memory.")
-    lora_B = property(lambda self: self._core.lora_B,
-                      lambda self, value: setattr(self._core, "lora_B", value),
-                      doc="Trainable B, shape (out_features, r), sharing the layer's memory.")
-    lora_A_grad = property(lambda self: self._core.lora_A_grad,
-                           lambda self, value: setattr(self._core, "lora_A_grad", value),
-                           doc="Accumulated gradient of lora_A, shape (r, in_features).")
-    lora_B_grad = property(lambda self: self._core.lora_B_grad,
-                           lambda self, value: setattr(self._core, "lora_B_grad", value),
-                           doc="Accumulated gradient of lora_B, shape (out_features, r).")
+    lora_A = parameter_property("lora_A", "Trainable A, shape (r, in_features), sharing the "
+                                          "layer's memory.")
+    lora_B = parameter_property("lora_B", "Trainable B, shape (out_features, r), sharing the "
+                                          "layer's memory.")
+    lora_A_grad = parameter_property("lora_A_grad", "Accumulated gradient of lora_A, shape "
+                                                    "(r, in_features).")
+    lora_B_grad = parameter_property("lora_B_grad", "Accumulated gradient of lora_B, shape "
+                                                    "(out_features, r).")
 
     def forward(self, x: Any, *, out: np.ndarray | None = None) -> np.ndarray:
         """Apply the layer.

@@ -128,6 +128,7 @@ class LoraModel:
         self.active_adapter: str | None = None
         self.embedding_modules = None if embedding_modules is None else frozenset(embedding_modules)
         self.padding_idx = self._checked_padding(padding_idx)
+        self._file_kinds: dict[str, str] = {}  # loaded files' modules: "linear" or "embedding"
         self._modules: dict[str, _Module] = {}
         self._adapters_disabled = False
         self.add_adapter(adapter_name, config, seed=seed)
@@ -168,7 +169,7 @@ class LoraModel:
     def _is_embedding(self, path: str) -> bool:
         # A loaded file's tensor names say which of its modules are embeddings; for the others,
         # embedding_modules or the names decide.
-        kind = self.__dict__.get("_file_kinds", {}).get(path)
+        kind = self._file_kinds.get(path)
         if kind is not None:
             return kind == "embedding"
         if self.embedding_modules is not None:
@@ -705,7 +706,7 @@ class LoraModel:
         self._check_against_base(config, modules)
         kinds = {p: m.kind for p, m in modules.items()}
         self.add_adapter(adapter_name, config, kinds=kinds)
-        self.__dict__.setdefault("_file_kinds", {}).update(kinds)
+        self._file_kinds.update(kinds)
         for path, record in modules.items():
             layer = self._modules[path].layers[adapter_name]
             if isinstance(layer, LoraLinear):
