@@ -127,3 +127,35 @@ def test_threads_setting():
     nplora.set_num_threads(np.int64(1))
     assert nplora.get_num_threads() == 1
     nplora.set_num_threads(before)
+
+
+def test_out_may_not_overlap_the_layers_own_arrays():
+    # layer(x, out=W[:b]) wrote the output into the frozen weight while the kernel read it (the
+    # output off by up to 6e5, the weight destroyed); the bias, A, B and the table likewise.
+    rng = np.random.default_rng(0)
+    weight, bias = rng.standard_normal((8, 8)), rng.standard_normal(8)
+    layer = nplora.LoraLinear(weight, bias, r=2, init_lora_weights=False, seed=0)
+    before = [a.copy() for a in (weight, bias, layer.lora_A, layer.lora_B)]
+    x = rng.standard_normal((2, 8))
+    for out in (weight[:2], layer.lora_A, layer.lora_A_grad, layer.lora_B.reshape(2, 8),
+                layer.lora_B_grad.reshape(2, 8)):
+        with pytest.raises(ValueError, match="out must not overlap the layer's own arrays"):
+            layer(x, out=out)
+    with pytest.raises(ValueError, match=r"shares memory with one of shape \(8,\)"):
+        layer(x[:1], out=bias.reshape(1, 8))
+    for got, want in zip((weight, bias, layer.lora_A, layer.lora_B), before):
+        assert np.array_equal(got, want)
+    table = rng.standard_normal((10, 4))
+    emb = nplora.LoraEmbedding(table, r=2)
+    with pytest.raises(ValueError, match=r"shares memory with one of shape \(10, 4\)"):
+        emb(np.array([1, 2]), out=table[:2])
+
+
+def test_a_weight_made_read_only_after_construction_is_not_merged_into():
+    weight = np.ones((4, 4))
+    layer = nplora.LoraLinear(weight, r=2, init_lora_weights=False, seed=0)
+    weight.flags.writeable = False  # the core looked at the flag only when the layer was built
+    with pytest.raises(ValueError, match="weight is read-only"):
+        layer.merge()
+    assert np.all(weight == 1) and not layer.merged
+    np.testing.assert_allclose(layer.merged_weight(), 1 + layer.delta_weight())  # reads still work

@@ -69,8 +69,12 @@ def as_input(x: Any, dtype: np.dtype, width: int, name: str = "x") -> np.ndarray
 
 
 def output_array(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype,
-                 inputs: tuple[np.ndarray, ...]) -> np.ndarray:
-    """Return `out` checked to receive a result of `shape` and `dtype`, or a new array."""
+                 inputs: tuple[np.ndarray, ...], owned: tuple[np.ndarray, ...] = ()) -> np.ndarray:
+    """Return `out` checked to receive a result of `shape` and `dtype`, or a new array.
+
+    `out` may overlap neither `inputs` nor `owned` (the layer's weight, bias, parameters and
+    gradients, which the kernels read while they write `out`).
+    """
     if out is None:
         return np.empty(shape, dtype=dtype)
     if not isinstance(out, np.ndarray):
@@ -84,6 +88,11 @@ def output_array(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype
     for array in inputs:
         if np.may_share_memory(out, array):
             raise ValueError("out must not overlap the input")
+    for array in owned:
+        if np.may_share_memory(out, array):
+            raise ValueError(f"out must not overlap the layer's own arrays (weight, bias, "
+                             f"parameters, gradients): it shares memory with one of shape "
+                             f"{array.shape}")
     return out
 
 

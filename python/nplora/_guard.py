@@ -65,13 +65,20 @@ def _in_use(what: str, action: str) -> RuntimeError:
     return RuntimeError(f"{what} is in use by another thread: cannot {action} now. {_HINT}")
 
 
+# The core's message for a weight it cannot write (lora_options.cpp), for one made read-only after
+# the layer was built: the core looks at the flag only then.
+READ_ONLY_MESSAGE = ("weight is read-only (memory-mapped or a read-only array): merging writes into "
+                     "it, so give the layer a writable copy (weight.copy())")
+
+
 class LayerGuard:
     """The guard of one layer; ``what`` names the layer in error messages."""
 
-    __slots__ = ("weight", "lock", "readers", "writing", "what")
+    __slots__ = ("weight", "array", "lock", "readers", "writing", "what")
 
     def __init__(self, weight: np.ndarray, what: str) -> None:
         self.weight = _weight_guard(weight)
+        self.array = weakref.ref(weight)  # the layer's weight, whose writeable flag may change
         self.lock = threading.Lock()  # held by the one writer of this layer's own state
         self.readers: list[None] = []
         self.writing: str | None = None
@@ -116,10 +123,13 @@ class _Held:
             if not shared.lock.acquire(blocking=False):
                 raise _busy(guard.what, self.action, shared.writing or "a merge")
             shared.writing = self.action
-            if shared.users:
+            array = guard.array()
+            if shared.users or (array is not None and not array.flags.writeable):
                 shared.writing = None
                 shared.lock.release()
-                raise _in_use(guard.what, self.action)
+                if shared.users:
+                    raise _in_use(guard.what, self.action)
+                raise ValueError(READ_ONLY_MESSAGE)
         else:
             if not guard.lock.acquire(blocking=False):
                 raise _busy(guard.what, self.action, guard.writing or "a training call")

@@ -219,6 +219,11 @@ class LoraLayerBase:
             self._core.delta_weight(out)
         return out
 
+    def _owned_arrays(self) -> tuple[np.ndarray, ...]:
+        """What the layer reads or keeps: no ``out=`` may overlap them."""
+        owned = [self._weight] + [a for _, a in self.named_parameters()] + [g for _, g in self.named_grads()]
+        return tuple(owned if self._bias is None else owned + [self._bias])
+
     def _forget_forward(self) -> None:
         """Drop what the last training-mode forward kept (backward then raises until the next)."""
         with self._guard.writing_layer("run a forward"):

@@ -130,7 +130,8 @@ class LoraEmbedding(LoraLayerBase):
         ndarray, shape ids.shape + (embedding_dim,)
         """
         ids = as_ids(ids)
-        result = output_array(out, ids.shape + (self.embedding_dim,), self.dtype, (ids,))
+        result = output_array(out, ids.shape + (self.embedding_dim,), self.dtype, (ids,),
+                              self._owned_arrays() if out is not None else ())
         flat_ids, flat_out = ids.reshape(-1), result.reshape(-1, self.embedding_dim)
         if self._training:  # keeps the ids for backward: the layer's own state
             with self._guard.writing_layer("run a training-mode forward"):

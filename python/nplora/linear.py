@@ -133,7 +133,8 @@ class LoraLinear(LoraLayerBase):
         """
         x = as_input(x, self.dtype, self.in_features)
         batch_shape = x.shape[:-1]
-        y = output_array(out, batch_shape + (self.out_features,), self.dtype, (x,))
+        y = output_array(out, batch_shape + (self.out_features,), self.dtype, (x,),
+                         self._owned_arrays() if out is not None else ())
         x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
         if self._training:  # keeps activations and draws dropout: the layer's own state
             with self._guard.writing_layer("run a training-mode forward"):
