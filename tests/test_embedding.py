@@ -158,3 +158,16 @@ def test_merge_and_unmerge_drop_what_the_forward_kept(rng):
         getattr(emb, change)()
         with pytest.raises(RuntimeError, match="merge and unmerge drop what the last one kept"):
             emb.backward(np.ones((2, 6)))
+
+
+def test_ids_beyond_int64_name_the_id_as_given():
+    # They were cast to int64 first: uint64 2**64 - 1 was reported as index -1, and a Python int
+    # of 2**64 as "ids must be integers, got dtype object".
+    emb = nplora.LoraEmbedding(np.ones((5, 3)), r=2)
+    for ids, value, position in ((np.array([1, 2**64 - 1], np.uint64), 2**64 - 1, 1),
+                                 (np.array([2**63 + 5], np.uint64), 2**63 + 5, 0),
+                                 ([1, 2**64], 2**64, 1), ([-(2**64)], -(2**64), 0)):
+        with pytest.raises(IndexError, match=f"index {value} at position {position} is out of range "
+                                             "for 5 embeddings"):
+            emb(ids)
+    np.testing.assert_array_equal(emb(np.array([4], np.uint64)), emb([4]))

@@ -219,6 +219,16 @@ def test_mixed_batch_follows_disabled_adapters_and_checks_every_id(rng):
         model.forward(path, x, adapter_ids=np.array([0, 0, 2**64 - 1], dtype=np.uint64))
     with pytest.raises(IndexError, match="18446744073709551616 is out of range"):
         model.forward(path, x, adapter_ids=[0, "default", 2**64])  # a list: Python ints
+    with pytest.raises(IndexError, match="index 18446744073709551615 at position 1 is out of range"):
+        model.forward("model.embed_tokens", np.array([0, 2**64 - 1], np.uint64), adapter_ids=[0, 0])
+    # NumPy's arithmetic in the mixed embedding path follows the layer's: inf, not an error.
+    huge = LoraModel({"model.embed_tokens.weight": np.ones((4, 2), np.float32)},
+                     LoraConfig(r=1, target_modules=["embed_tokens"]), seed=0)
+    emb = huge["model.embed_tokens"]
+    emb.lora_embedding_A, emb.lora_embedding_B = np.full((1, 4), 1e30), np.full((2, 1), 1e30)
+    with np.errstate(all="raise"):  # 1e60 overflows float32
+        assert np.isinf(huge.forward("model.embed_tokens", [1], adapter_ids=[0])).all()
+        assert np.isinf(emb([1])).all()
 
 
 def test_a_mixed_batch_in_training_mode_leaves_no_forward_for_backward(rng):

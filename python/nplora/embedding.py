@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Literal
 
 import numpy as np
@@ -25,12 +26,36 @@ _CORE_EMBEDDING = {np.dtype(np.float32): _core.LoraEmbedding_float32,
                    np.dtype(np.float64): _core.LoraEmbedding_float64}
 
 
-def as_ids(ids: Any) -> np.ndarray:
-    """`ids` as a C-contiguous int64 array; TypeError unless they are integers."""
+def as_ids(ids: Any, num_embeddings: int) -> np.ndarray:
+    """`ids` as a C-contiguous int64 array; TypeError unless they are integers.
+
+    Ids beyond int64 (uint64 values from 2**63, Python ints NumPy keeps as objects) are an
+    IndexError naming the id as given: cast first, 2**64 - 1 would be reported as -1.
+    """
     array = np.asarray(ids)
+    flat = array.reshape(-1)
+    if array.dtype.kind == "O" and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                       for v in flat):
+        beyond = [i for i, v in enumerate(flat) if not _INT64_MIN <= v <= _INT64_MAX]
+        if not beyond:
+            array = array.astype(np.int64)
+        else:
+            raise _id_error(int(flat[beyond[0]]), beyond[0], num_embeddings)
     if array.dtype.kind not in "iu":
         raise TypeError(f"ids must be integers, got dtype {array.dtype}")
+    if array.dtype.kind == "u" and flat.size and int(flat.max()) > _INT64_MAX:
+        position = int(np.argmax(flat > _INT64_MAX))
+        raise _id_error(int(flat[position]), position, num_embeddings)
     return aligned(np.asarray(array, dtype=np.int64, order="C"))  # (ascontiguousarray: 0-D -> 1-D)
+
+
+_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
+
+
+def _id_error(value: int, position: int, num_embeddings: int) -> IndexError:
+    # The core's message for the ids it checks itself (lora_embedding.cpp).
+    return IndexError(f"index {value} at position {position} is out of range for "
+                      f"{num_embeddings} embeddings")
 
 
 class LoraEmbedding(LoraLayerBase):
@@ -129,7 +154,7 @@ class LoraEmbedding(LoraLayerBase):
         -------
         ndarray, shape ids.shape + (embedding_dim,)
         """
-        ids = as_ids(ids)
+        ids = as_ids(ids, self.num_embeddings)
         result = output_array(out, ids.shape + (self.embedding_dim,), self.dtype, (ids,),
                               self._owned_arrays() if out is not None else ())
         flat_ids, flat_out = ids.reshape(-1), result.reshape(-1, self.embedding_dim)

@@ -58,7 +58,7 @@ def mixed_forward(module: Any, names: Sequence[str], x: Any, adapter_ids: Any) -
     as under ``disable_adapter()``), get the base output alone, as in PEFT.
     """
     if module.kind == "embedding":
-        ids = as_ids(x)
+        ids = as_ids(x, module.weight.shape[0])
         rows = ids.reshape(-1)
         table = module.weight
         next(iter(module.layers.values()))._core.check_ids(rows)  # table[-1] would be the last row
@@ -70,7 +70,8 @@ def mixed_forward(module: Any, names: Sequence[str], x: Any, adapter_ids: Any) -
             if layer is None or not layer.adapter_enabled or selected.size == 0:
                 continue
             a, b = layer.lora_embedding_A, layer.lora_embedding_B
-            out[selected] += layer.scaling * (a.T[rows[selected]] @ b.T)
+            with np.errstate(all="ignore"):  # inf as the layer's own forward gives, whatever errstate
+                out[selected] += layer.scaling * (a.T[rows[selected]] @ b.T)
         return out.reshape(ids.shape + (table.shape[1],))
 
     weight = module.weight

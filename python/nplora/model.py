@@ -510,14 +510,15 @@ class LoraModel:
         module = self._modules.get(path)
         if module is None:
             raise KeyError(f"{path!r} has no adapter")
-        if module.merged_adapters():
-            raise RuntimeError(f"{path!r} has merged adapters: unmerge before a mixed batch")
         # It keeps nothing, so it drops what an earlier training-mode forward kept: a backward
         # now raises instead of pairing that forward's input with this output's gradient.
         for layer in module.layers.values():
             if layer.training:
                 layer._forget_forward()
         with reading_all(layer._guard for layer in module.layers.values()):
+            # Checked while read, so no other thread's merge can land between check and use.
+            if module.merged_adapters():
+                raise RuntimeError(f"{path!r} has merged adapters: unmerge before a mixed batch")
             return mixed_forward(module, self.adapter_names, x, adapter_ids)
 
     # ----------------------------------------------------------------- merging
