@@ -456,6 +456,38 @@ def test_changes_refuse_while_another_thread_reads_and_reads_run_alongside() -> 
     layer.unmerge()
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_can_change_a_layer_another_thread_was_reading() -> None:
+    # The other thread does not exist in the child, but its mark stayed in the guard: every merge,
+    # train() or step on that layer raised "in use by another thread" there, forever.
+    layer = nplora.LoraLinear(np.ones((6, 4)), r=2, init_lora_weights=False, seed=0).eval()
+    reader = Holder(lambda: layer._guard)
+    try:
+        read_end, write_end = os.pipe()
+        with warnings.catch_warnings():  # Python 3.12+ warns of fork() beside threads
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: report, then leave without running pytest's teardown
+            try:
+                layer.merge()
+                layer.unmerge()
+                layer.train()
+                message = b"ok"
+            except BaseException as error:
+                message = repr(error).encode()[:200]
+            os.write(write_end, message)
+            os._exit(0)
+        os.close(write_end)
+        message = os.read(read_end, 200)
+        os.close(read_end)
+        os.waitpid(pid, 0)
+        assert message == b"ok"
+        with pytest.raises(RuntimeError, match="in use by another thread"):
+            layer.merge()  # in the parent the reader is still there
+    finally:
+        reader.release()
+
+
 def test_reads_refuse_while_another_thread_changes_the_weight() -> None:
     model = make_model(np.float32)
     model.add_adapter("other", nplora.LoraConfig(r=2, target_modules=["q_proj"]), seed=1)

@@ -18,6 +18,7 @@ both fail; neither ever proceeds unseen.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Iterable
@@ -56,6 +57,26 @@ def _weight_guard(weight: np.ndarray) -> _WeightGuard:
     return guard
 
 
+_LAYER_GUARDS: weakref.WeakSet[LayerGuard] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    """In a forked child only the forking thread runs: the calls other threads had in flight at
+    the fork never finish there, so their marks would refuse every change to those layers forever."""
+    global _REGISTRY_LOCK
+    _REGISTRY_LOCK = threading.Lock()
+    for shared in list(_WEIGHT_GUARDS.values()):
+        shared.lock, shared.writing = threading.Lock(), None
+        shared.users.clear()
+    for guard in list(_LAYER_GUARDS):
+        guard.lock, guard.writing = threading.Lock(), None
+        guard.readers.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def _busy(what: str, action: str, other: str) -> RuntimeError:
     return RuntimeError(f"{what} is being modified by another thread ({other}): cannot {action} "
                         f"now. {_HINT}")
@@ -74,7 +95,7 @@ READ_ONLY_MESSAGE = ("weight is read-only (memory-mapped or a read-only array): 
 class LayerGuard:
     """The guard of one layer; ``what`` names the layer in error messages."""
 
-    __slots__ = ("weight", "array", "lock", "readers", "writing", "what")
+    __slots__ = ("weight", "array", "lock", "readers", "writing", "what", "__weakref__")
 
     def __init__(self, weight: np.ndarray, what: str) -> None:
         self.weight = _weight_guard(weight)
@@ -83,6 +104,7 @@ class LayerGuard:
         self.readers: list[None] = []
         self.writing: str | None = None
         self.what = what
+        _LAYER_GUARDS.add(self)
 
     # -------------------------------------------------------------- readers: no lock taken
     def __enter__(self) -> None:
