@@ -147,3 +147,79 @@ def test_edge_values_as_torch_computes_them(dtype):
     grad = np.ones_like(param)
     nplora.SGD([(param, grad)], lr=0.1).step()
     np.testing.assert_array_equal(param, np.array([[np.inf, -np.inf, 0.9]], dtype))
+
+
+def train_steps(layer, optimizer, rng, steps=3):
+    for _ in range(steps):
+        x = rng.standard_normal((4, layer.in_features))
+        layer(x)
+        optimizer.zero_grad()
+        layer.backward(np.ones((4, layer.out_features)))
+        optimizer.step()
+
+
+@pytest.mark.parametrize("make", [lambda p: nplora.AdamW(p, lr=0.05),
+                                  lambda p: nplora.SGD(p, lr=0.05, momentum=0.9)])
+def test_a_pickled_or_copied_optimizer_trains_its_copied_layers(make):
+    # Pickling raised "cannot pickle '_thread.lock'"; a copy over raw pairs trained orphan arrays.
+    import copy
+    import pickle
+
+    for copy_of in (copy.deepcopy, lambda obj: pickle.loads(pickle.dumps(obj))):
+        layer = nplora.LoraLinear(np.random.default_rng(0).standard_normal((5, 6)), r=2, seed=0)
+        optimizer = make(layer)
+        train_steps(layer, optimizer, np.random.default_rng(1))
+        layer2, optimizer2 = copy_of((layer, optimizer))
+        assert np.shares_memory(optimizer2.params[0][0], layer2.lora_A)
+        assert not np.shares_memory(optimizer2.params[0][0], layer.lora_A)
+        before = layer2.lora_A.copy()
+        # The copy and the original, stepped alike, stay alike: moments and step count came along.
+        train_steps(layer2, optimizer2, np.random.default_rng(2))
+        train_steps(layer, optimizer, np.random.default_rng(2))
+        assert not np.array_equal(layer2.lora_A, before)
+        np.testing.assert_array_equal(layer2.lora_A, layer.lora_A)
+        np.testing.assert_array_equal(layer2.lora_B, layer.lora_B)
+    model = nplora.LoraModel({"q_proj.weight": np.ones((4, 3))},
+                             nplora.LoraConfig(r=2, target_modules=["q_proj"]), seed=0)
+    model2, optimizer2 = copy.deepcopy((model, make(model)))
+    assert np.shares_memory(optimizer2.params[0][0], model2["q_proj"].lora_A)
+    pairs = make([(layer.lora_A, layer.lora_A_grad)])
+    with pytest.raises(TypeError, match="over raw \\(param, grad\\) arrays cannot be pickled"):
+        pickle.dumps(pairs)
+
+
+def test_state_dict_resumes_training_exactly():
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((5, 6))
+    layer = nplora.LoraLinear(weight, r=2, seed=0)
+    optimizer = nplora.AdamW(layer, lr=0.05, betas=(0.8, 0.9))
+    train_steps(layer, optimizer, np.random.default_rng(1))
+    state = optimizer.state_dict()
+    resumed_layer = nplora.LoraLinear(weight.copy(), r=2, seed=5)
+    resumed_layer.lora_A, resumed_layer.lora_B = layer.lora_A, layer.lora_B
+    resumed = nplora.AdamW(resumed_layer, lr=1.0)
+    resumed.load_state_dict(state)
+    assert resumed.lr == 0.05 and resumed.betas == (0.8, 0.9) and resumed.step_count == 3
+    train_steps(layer, optimizer, np.random.default_rng(2))
+    train_steps(resumed_layer, resumed, np.random.default_rng(2))
+    np.testing.assert_array_equal(resumed_layer.lora_A, layer.lora_A)
+    state["state"][0][0][...] = 7  # a copy: the optimizer's own moments are untouched
+    assert not (optimizer.state[0][0] == 7).any()
+    with pytest.raises(ValueError, match="not a SGD state_dict: type 'AdamW'"):
+        nplora.SGD(layer).load_state_dict(state)
+    other = nplora.AdamW(nplora.LoraLinear(weight, r=3, seed=0))
+    with pytest.raises(ValueError, match=r"parameter 0: the state_dict's state has shapes \[\(2, 6\), \(2, 6\)\]"):
+        other.load_state_dict(state)
+
+
+def test_a_step_between_forward_and_backward_leaves_no_forward_to_pair():
+    # The backward then read the stepped A and B beside the kept x A^T of the old ones: its
+    # gradients were of neither (PyTorch: "modified by an inplace operation").
+    layer = nplora.LoraLinear(np.ones((5, 6)), r=2, init_lora_weights=False, seed=0)
+    optimizer = nplora.SGD(layer, lr=0.1)
+    pairs = nplora.SGD([(layer.lora_A, layer.lora_A_grad)], lr=0.1)  # its layer found through A
+    for step in (optimizer.step, pairs.step):
+        layer(np.ones((2, 6)))
+        step()
+        with pytest.raises(RuntimeError, match="needs a forward"):
+            layer.backward(np.ones((2, 5)))

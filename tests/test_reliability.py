@@ -427,6 +427,8 @@ def test_changes_refuse_while_another_thread_reads_and_reads_run_alongside() -> 
     model = make_model(np.float32)
     layer = model[PATHS[0]]
     optimizer = nplora.AdamW(model)
+    # Over raw pairs of the layer's own arrays: they lead to its guard (a step tore concurrent merges).
+    pairs = nplora.SGD([(layer.lora_A, layer.lora_A_grad)], lr=0.1)
     x = np.ones((2, 10), np.float32)
     layer.eval()
     expected = layer(x)
@@ -435,7 +437,7 @@ def test_changes_refuse_while_another_thread_reads_and_reads_run_alongside() -> 
         assert np.array_equal(layer(x), expected)  # eval forwards run together
         busy = "in use by another thread"
         for call in (layer.merge, layer.unmerge, layer.train, layer.eval, layer.zero_grad, optimizer.step,
-                     model.merge_adapter, optimizer.zero_grad):
+                     model.merge_adapter, optimizer.zero_grad, pairs.step):
             with pytest.raises(RuntimeError, match=busy):
                 call()
         with pytest.raises(RuntimeError, match=busy):

@@ -58,6 +58,18 @@ def _weight_guard(weight: np.ndarray) -> _WeightGuard:
 
 
 _LAYER_GUARDS: weakref.WeakSet[LayerGuard] = weakref.WeakSet()
+_CORE_GUARDS: weakref.WeakKeyDictionary[Any, LayerGuard] = weakref.WeakKeyDictionary()
+
+
+def _guard_of_array(array: np.ndarray) -> LayerGuard | None:
+    """The guard of the layer whose core owns `array` (a view of its A, B or a gradient)."""
+    owner: Any = array
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    try:
+        return _CORE_GUARDS.get(owner) if owner is not None else None
+    except TypeError:  # an unhashable base: not a core
+        return None
 
 
 def _reset_after_fork() -> None:
@@ -95,9 +107,14 @@ READ_ONLY_MESSAGE = ("weight is read-only (memory-mapped or a read-only array): 
 class LayerGuard:
     """The guard of one layer; ``what`` names the layer in error messages."""
 
-    __slots__ = ("weight", "array", "lock", "readers", "writing", "what", "__weakref__")
+    __slots__ = ("weight", "array", "lock", "readers", "writing", "what", "owner", "__weakref__")
 
-    def __init__(self, weight: np.ndarray, what: str) -> None:
+    def __init__(self, weight: np.ndarray, what: str, owner: Any = None, core: Any = None) -> None:
+        # The layer (weakly: an optimizer finds it through here) and its C++ core, whose arrays
+        # (A, B, gradients) lead back to this guard when an optimizer is given raw pairs.
+        self.owner = weakref.ref(owner) if owner is not None else lambda: None
+        if core is not None:
+            _CORE_GUARDS[core] = self
         self.weight = _weight_guard(weight)
         self.array = weakref.ref(weight)  # the layer's weight, whose writeable flag may change
         self.lock = threading.Lock()  # held by the one writer of this layer's own state
@@ -239,7 +256,10 @@ def guards_of(params: Any) -> list[LayerGuard]:
     if callable(layers) and hasattr(params, "named_parameters"):
         return [g for layer in layers().values() for g in guards_of(layer)]
     if isinstance(params, tuple) and len(params) == 2 and all(isinstance(a, np.ndarray) for a in params):
-        return []
+        # Raw (param, grad) arrays: a layer's own views lead to its guard (a step must not tear
+        # a merge another thread runs on that layer); arrays of the caller's have none.
+        found = {id(g): g for g in (_guard_of_array(a) for a in params) if g is not None}
+        return list(found.values())
     if isinstance(params, Iterable):
         return [g for item in params for g in guards_of(item)]
     return []

@@ -39,8 +39,7 @@ def parameter_property(name: str, doc: str) -> property:
         with self._guard.writing_layer(f"assign {name}"):
             setattr(self._core, name, array)
             if not name.endswith("_grad"):
-                self._core.clear_cache()
-                setattr(self, self._kept_shape_attr, None)
+                self._drop_kept()
 
     return property(get, assign, doc=doc)
 
@@ -99,7 +98,7 @@ class LoraLayerBase:
 
     def _init_guard(self) -> None:
         self._guard = LayerGuard(self._weight, f"{type(self).__name__} over a weight of shape "
-                                               f"{self._weight.shape}")
+                                               f"{self._weight.shape}", owner=self, core=self._core)
 
     @property
     def training(self) -> bool:
@@ -227,8 +226,12 @@ class LoraLayerBase:
     def _forget_forward(self) -> None:
         """Drop what the last training-mode forward kept (backward then raises until the next)."""
         with self._guard.writing_layer("run a forward"):
-            self._core.clear_cache()
-            setattr(self, self._kept_shape_attr, None)
+            self._drop_kept()
+
+    def _drop_kept(self) -> None:
+        """``_forget_forward`` for a caller that holds the layer already (an optimizer step)."""
+        self._core.clear_cache()
+        setattr(self, self._kept_shape_attr, None)
 
     def zero_grad(self) -> None:
         """Set the gradients of A and B to zero."""

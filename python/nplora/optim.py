@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,23 @@ def collect_parameters(params: Any) -> list[ParamGrad]:
     return found
 
 
+def _layers_only(params: Any) -> list[Any] | None:
+    """The layers `params` names (a layer, a model's active adapter, lists of them), or None
+    when it holds raw (param, grad) arrays."""
+    if hasattr(params, "named_parameters") and hasattr(params, "named_grads"):
+        layers = getattr(params, "layers", None)
+        return list(layers().values()) if callable(layers) else [params]
+    if isinstance(params, tuple) and len(params) == 2 and all(isinstance(a, np.ndarray) for a in params):
+        return None
+    found: list[Any] = []
+    for item in params:
+        layers = _layers_only(item)
+        if layers is None:
+            return None
+        found.extend(layers)
+    return found
+
+
 def _at_least(name: str, value: float, minimum: float) -> None:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum:g}, got {value:g}")
@@ -66,12 +83,84 @@ class Optimizer:
     """
 
     step_count: int  # steps taken, set by each optimizer's __init__
+    _hyperparameters: tuple[str, ...] = ()  # the names state_dict() carries besides the state
 
     def __init__(self, params: Any) -> None:
+        if isinstance(params, Iterator):  # read three times below
+            params = list(params)
         self.params = collect_parameters(params)
         if not self.params:
             raise ValueError("the optimizer got no parameters")
         self._guards = guards_of(params)  # the layers' guards: no step while another thread uses them
+        # The layers, when that is all `params` names: a pickled or copied optimizer finds its
+        # parameters in their copies. Raw (param, grad) arrays have no layer to be found in.
+        self._layers = _layers_only(params)
+
+    def _state_arrays(self) -> list[tuple[np.ndarray, ...]]:
+        """Per parameter, in order, the optimizer's own arrays for it (moments, momentum)."""
+        return [() for _ in self.params]
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state as plain data (copies), for ``load_state_dict`` later.
+
+        Returns
+        -------
+        dict
+            ``{"type": class name, "step_count": int, "hyperparameters": {name: value},
+            "state": [[array, ...] per parameter, in order]}``; picklable, and with
+            ``np.savez`` the arrays save too.
+        """
+        return {"type": type(self).__name__, "step_count": self.step_count,
+                "hyperparameters": {name: getattr(self, name) for name in self._hyperparameters},
+                "state": [[a.copy() for a in arrays] for arrays in self._state_arrays()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the state ``state_dict()`` gave, checked against this optimizer's parameters.
+
+        Parameters
+        ----------
+        state : dict
+            From ``state_dict()`` of an optimizer of the same type over parameters of the same
+            shapes, in the same order. ValueError (nothing changed) otherwise.
+        """
+        if not isinstance(state, dict) or state.get("type") != type(self).__name__:
+            raise ValueError(f"not a {type(self).__name__} state_dict: type "
+                             f"{state.get('type') if isinstance(state, dict) else type(state).__name__!r}")
+        mine, theirs = self._state_arrays(), state["state"]
+        if len(theirs) != len(mine):
+            raise ValueError(f"the state_dict has state for {len(theirs)} parameters, this "
+                             f"optimizer has {len(mine)}")
+        for index, (ours, saved) in enumerate(zip(mine, theirs)):
+            if len(saved) != len(ours) or any(np.shape(b) != a.shape for a, b in zip(ours, saved)):
+                raise ValueError(f"parameter {index}: the state_dict's state has shapes "
+                                 f"{[np.shape(b) for b in saved]}, this optimizer's "
+                                 f"{[a.shape for a in ours]}")
+        with writing_all(self._guards, "load an optimizer state"):
+            for ours, saved in zip(mine, theirs):
+                for array, values in zip(ours, saved):
+                    np.copyto(array, values, casting="same_kind")
+            for name, value in state["hyperparameters"].items():
+                setattr(self, name, tuple(value) if isinstance(value, list) else value)
+            self.step_count = int(state["step_count"])
+
+    # ------------------------------------------------------------------ pickle, copy.deepcopy
+    def __getstate__(self) -> dict[str, Any]:
+        if self._layers is None:
+            raise TypeError(
+                f"a {type(self).__name__} over raw (param, grad) arrays cannot be pickled or copied: "
+                "the copy would update copies of those arrays, not any layer. Build it over the "
+                "layers or the model (and pickle them together), or save state_dict()")
+        return {k: v for k, v in self.__dict__.items() if k not in ("params", "_guards")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        # The (restored) layers' own arrays, in the order the state was kept in.
+        self.params = collect_parameters(self._layers)
+        self._guards = guards_of(self._layers)
+        for (param, _), arrays in zip(self.params, self._state_arrays()):
+            if any(a.shape != param.shape for a in arrays):
+                raise ValueError("the optimizer's state does not fit its layers' parameters")
 
     def zero_grad(self) -> None:
         """Set every gradient to zero."""
@@ -91,6 +180,12 @@ class Optimizer:
                     np.copyto(array, before)
                 self.step_count = count
                 raise
+            # A forward kept before the step would serve a backward on the new A and B: its
+            # gradients would be of neither (PyTorch refuses a backward after a step too).
+            for guard in self._guards:
+                layer = guard.owner()
+                if layer is not None:
+                    layer._drop_kept()
 
     def step(self) -> None:
         """Update every parameter in place from its gradient (each optimizer defines how)."""
@@ -135,6 +230,11 @@ class AdamW(Optimizer):
                 raise ValueError(f"betas[{i}] must be in [0, 1), got {beta}")
         self.state = [(np.zeros_like(p), np.zeros_like(p)) for p, _ in self.params]
         self.step_count = 0
+
+    _hyperparameters = ("lr", "betas", "eps", "weight_decay")
+
+    def _state_arrays(self) -> list[tuple[np.ndarray, ...]]:
+        return [tuple(pair) for pair in self.state]
 
     def step(self) -> None:
         """Update every parameter in place from its gradient (all of them, or none on error)."""
@@ -185,6 +285,11 @@ class SGD(Optimizer):
             raise ValueError("nesterov needs momentum > 0 and dampening == 0")
         self.momentum_buffers = [np.zeros_like(p) for p, _ in self.params]
         self.step_count = 0
+
+    _hyperparameters = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+
+    def _state_arrays(self) -> list[tuple[np.ndarray, ...]]:
+        return [(buffer,) for buffer in self.momentum_buffers]
 
     def step(self) -> None:
         """Update every parameter in place from its gradient (all of them, or none on error)."""
