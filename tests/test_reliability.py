@@ -490,6 +490,25 @@ def test_a_forked_child_can_change_a_layer_another_thread_was_reading() -> None:
         reader.release()
 
 
+def test_layers_over_overlapping_views_of_one_buffer_share_a_guard() -> None:
+    # A fused QKV weight and a layer over its q rows: a merge through one changes what the other
+    # reads, but their guards were keyed by (address, size) and never saw each other.
+    fused = np.ones((12, 4))
+    whole = nplora.LoraLinear(fused, r=2, init_lora_weights=False, seed=0).eval()
+    rows = nplora.LoraLinear(fused[4:8], r=2, init_lora_weights=False, seed=1)
+    apart = nplora.LoraLinear(np.ones((12, 4)), r=2, seed=2)  # another buffer: not held up
+    reader = Holder(lambda: whole._guard)  # an eval forward on the whole weight in flight
+    try:
+        with pytest.raises(RuntimeError, match="in use by another thread"):
+            rows.merge()
+        apart.merge()
+    finally:
+        reader.release()
+    assert np.all(fused == 1)
+    rows.merge()
+    assert not np.all(fused[4:8] == 1)
+
+
 def test_reads_refuse_while_another_thread_changes_the_weight() -> None:
     model = make_model(np.float32)
     model.add_adapter("other", nplora.LoraConfig(r=2, target_modules=["q_proj"]), seed=1)

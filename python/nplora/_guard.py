@@ -42,18 +42,29 @@ class _WeightGuard:
         self.writing: str | None = None  # what the weight writer is doing
 
 
-_WEIGHT_GUARDS: weakref.WeakValueDictionary[tuple[int, int], _WeightGuard] = (
-    weakref.WeakValueDictionary())
+# Every weight guard with the bytes it covers: [start, end) of each array of layers under it.
+_WEIGHT_GUARDS: list[tuple[int, int, weakref.ref[_WeightGuard]]] = []
 _REGISTRY_LOCK = threading.Lock()
 
 
 def _weight_guard(weight: np.ndarray) -> _WeightGuard:
-    # Layers over the same array share one guard; the layers keep the array (so its address) alive.
-    key = (weight.__array_interface__["data"][0], weight.nbytes)
+    """The guard of every layer whose weight overlaps `weight` in memory.
+
+    Not only the same array: a fused QKV weight and a layer over its q rows are one weight (a
+    merge through one changes what the other reads). Layers keep their arrays, so the addresses,
+    alive. (Layer weights are C-contiguous, so an array covers one run of bytes.)
+    """
+    start = weight.__array_interface__["data"][0]
+    end = start + max(weight.nbytes, 1)
     with _REGISTRY_LOCK:
-        guard = _WEIGHT_GUARDS.get(key)
-        if guard is None:
-            guard = _WEIGHT_GUARDS[key] = _WeightGuard()
+        live = [(s, e, ref) for s, e, ref in _WEIGHT_GUARDS if ref() is not None]
+        # (Should a new array overlap two guards that do not overlap each other, it joins the
+        # first: three such views of one buffer are not told apart.)
+        found = next((ref() for s, e, ref in live if s < end and start < e), None)
+        guard = found if found is not None else _WeightGuard()
+        if not any(s == start and e == end and ref() is guard for s, e, ref in live):
+            live.append((start, end, weakref.ref(guard)))
+        _WEIGHT_GUARDS[:] = live
     return guard
 
 
@@ -77,7 +88,7 @@ def _reset_after_fork() -> None:
     the fork never finish there, so their marks would refuse every change to those layers forever."""
     global _REGISTRY_LOCK
     _REGISTRY_LOCK = threading.Lock()
-    for shared in list(_WEIGHT_GUARDS.values()):
+    for shared in {id(g): g for g in (ref() for _, _, ref in _WEIGHT_GUARDS) if g is not None}.values():
         shared.lock, shared.writing = threading.Lock(), None
         shared.users.clear()
     for guard in list(_LAYER_GUARDS):
