@@ -171,3 +171,6 @@ def test_ids_beyond_int64_name_the_id_as_given():
                                              "for 5 embeddings"):
             emb(ids)
     np.testing.assert_array_equal(emb(np.array([4], np.uint64)), emb([4]))
+    # A list mixing int64 and uint64 values, which NumPy makes float64 (2**64 - 1 rounded).
+    with pytest.raises(IndexError, match=f"index {2**64 - 1} at position 1 is out of range"):
+        emb([1, 2**64 - 1])

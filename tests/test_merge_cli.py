@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import nplora
 from nplora import merge_cli
 from nplora.adapters import AdapterError, AdapterModule, write_adapter
 from nplora.cli import main
@@ -73,6 +74,9 @@ def write_model(folder: Path, tensors: dict[str, np.ndarray], shards: int = 3) -
     (folder / "original" / "params.json").write_text("{}")
     (folder / "2_Dense").mkdir()  # a sentence-transformers module of its own: kept as it is
     (folder / "2_Dense" / "model.safetensors").write_bytes(b"another module's weights")
+    (folder / "onnx").mkdir()  # an export of the unmerged model: served, it would skip the adapter
+    (folder / "onnx" / "model.onnx").write_bytes(b"the unmerged model, exported")
+    (folder / "onnx" / "config.json").write_text("{}")
 
 
 def make_adapter(folder: Path, *, fan_in_fan_out: bool = False, use_rslora: bool = False, seed: int = 1,
@@ -138,13 +142,13 @@ def test_merge_sharded_model_matches_numpy(tmp_path: Path, dtype_name: str) -> N
     config, modules = make_adapter(tmp_path / "adapter")
     report = merge_cli.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progress=False)
     assert (report.merged, report.copied, report.files) == (len(modules), len(tensors) - len(modules), 3)
-    assert report.skipped_files == ["original/consolidated.00.pth", "pytorch_model.bin"]
+    assert report.skipped_files == ["onnx/model.onnx", "original/consolidated.00.pth", "pytorch_model.bin"]
     assert report.copied_weight_files == ["2_Dense/model.safetensors"] and report.peak_rss > 0
     assert_merged(tmp_path / "out", expected_merge(tensors, config, modules), modules, dtype_name)
     base, out = tmp_path / "base", tmp_path / "out"
     assert sorted(os.listdir(out)) == sorted(set(os.listdir(base)) - {"pytorch_model.bin"})
     for name in (INDEX_NAME, "config.json", "tokenizer.json", "extra/notes.txt",
-                 "original/params.json", "2_Dense/model.safetensors"):
+                 "original/params.json", "2_Dense/model.safetensors", "onnx/config.json"):
         assert (out / name).read_bytes() == (base / name).read_bytes(), name
     assert os.listdir(out / "original") == ["params.json"]
     with open_weights(base) as before, open_weights(out) as after:
@@ -196,6 +200,26 @@ def test_dtype_option_converts_float_tensors_and_updates_the_index(tmp_path: Pat
     index = json.loads((tmp_path / "out" / INDEX_NAME).read_text())
     assert index["metadata"]["total_size"] == sum(t.nbytes for t in expected.values())
     assert index["weight_map"] == json.loads((tmp_path / "base" / INDEX_NAME).read_text())["weight_map"]
+    # config.json names the new dtype, as PEFT's merge and save_pretrained write it (it said the
+    # base's, so from_pretrained(out, dtype="auto") loaded bfloat16 weights as float32).
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == {"model_type": "llama",
+                                                                           "dtype": "bfloat16"}
+
+
+def test_bfloat16_to_float16_overflow_is_an_error(tmp_path: Path) -> None:
+    # ml_dtypes' bfloat16 -> float16 cast gives inf without NumPy's overflow error: an unmerged
+    # tensor of 1e6 was written as inf, with exit status 0.
+    tensors = {"model.embed_tokens.weight": np.ones((VOCAB, HIDDEN), ml_dtypes.bfloat16),
+               "other": np.full((2, 3), 1e6, ml_dtypes.bfloat16)}
+    save_weights(tmp_path / "base.safetensors", tensors)
+    config = LoraConfig(r=1, lora_alpha=1, target_modules=["embed_tokens"])
+    write_adapter(tmp_path / "adapter", config, {"model.embed_tokens": AdapterModule(
+        "model.embed_tokens", "embedding", np.ones((1, VOCAB), np.float32), np.ones((HIDDEN, 1), np.float32),
+        1, 1.0, 1.0)})
+    with pytest.raises(ValueError, match="other: values overflow float16"):
+        merge_cli.merge(tmp_path / "base.safetensors", tmp_path / "adapter", tmp_path / "out.safetensors",
+                        dtype="float16", progress=False)
+    assert leftovers(tmp_path) == []
 
 
 def test_float16_overflow_is_an_error(tmp_path: Path) -> None:
@@ -280,6 +304,38 @@ def test_failure_part_way_leaves_no_output(tmp_path: Path, monkeypatch: pytest.M
     assert not (tmp_path / "new").exists() and leftovers(tmp_path) == []
 
 
+def test_a_failure_between_the_final_renames_keeps_the_previous_output(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The previous output had been moved aside and the new one was then deleted: --out was gone.
+    write_model(tmp_path / "base", base_tensors(np.float32))
+    make_adapter(tmp_path / "adapter")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "previous.txt").write_text("old result")
+    rename = os.rename
+
+    def failing(source, target):
+        if ".tmp-" in os.fspath(source):  # the new output into place
+            raise KeyboardInterrupt
+        rename(source, target)
+
+    monkeypatch.setattr(merge_cli.os, "rename", failing)
+    with pytest.raises(KeyboardInterrupt):
+        merge_cli.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", overwrite=True, progress=False)
+    assert os.listdir(tmp_path / "out") == ["previous.txt"] and leftovers(tmp_path) == []
+
+
+def test_a_tied_lm_head_is_named_as_the_cause(tmp_path: Path) -> None:
+    tensors = base_tensors(np.float32)
+    tensors.pop("lm_head.weight", None)  # tied: stored once, as the input embeddings
+    write_model(tmp_path / "base", tensors)
+    config = LoraConfig(r=1, lora_alpha=1, target_modules=["lm_head"])
+    write_adapter(tmp_path / "adapter", config, {"lm_head": AdapterModule(
+        "lm_head", "linear", np.ones((1, HIDDEN), np.float32), np.ones((VOCAB, 1), np.float32), 1, 1.0, 1.0)})
+    with pytest.raises(nplora.AdapterMismatchError, match="has no base weight 'lm_head.weight' "
+                                                          r"\(tied to the input embeddings\?"):
+        merge_cli.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progress=False)
+
+
 KILL_SCRIPT = r"""
 import os, signal, sys
 from nplora import merge_cli
@@ -321,7 +377,7 @@ def test_cli_merge_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(argv + ["--quiet"]) == 0
     captured = capsys.readouterr()
     assert "merged 10 tensor(s), copied 17, in 3 file(s)" in captured.out and "peak RSS" in captured.out
-    assert "not copied (weights in another format): original/consolidated.00.pth" in captured.out
+    assert "not copied (weights in another format): onnx/model.onnx, original/consolidated.00.pth" in captured.out
     assert "copied as they are (other modules' weights, not merged): 2_Dense" in captured.out
     assert captured.err == ""
     assert main(argv) == 1

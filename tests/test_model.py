@@ -246,6 +246,11 @@ def test_a_mixed_batch_in_training_mode_leaves_no_forward_for_backward(rng):
             model[module].backward(grad)
         model.forward(module, inputs)  # a plain training forward after it serves a backward again
         model[module].backward(grad)
+    # A mixed batch that fails (an unknown adapter) drops nothing.
+    model.forward(path, x)
+    with pytest.raises(KeyError, match="names no adapter 'nope'"):
+        model.forward(path, x, adapter_ids=[0, "nope", -1])
+    model[path].backward(np.ones((3, HIDDEN)))
 
 
 def test_padding_idx_reaches_the_embedding_layers(rng, tmp_path):
@@ -362,6 +367,10 @@ def test_a_regex_that_matches_a_container_is_refused_as_in_peft(rng):
         with pytest.raises(ValueError, match=f"also matches '{container}', which holds other modules"):
             LoraModel(weights, LoraConfig(target_modules=pattern))
     assert len(LoraModel(weights, LoraConfig(target_modules=r".*self_attn\.(q|v)_proj")).targets) == 2 * LAYERS
+    # A container that exclude_modules leaves out is no match (PEFT checks the exclusion first).
+    excluded = LoraModel(weights, LoraConfig(target_modules=r"model\.layers\.\d+\.self_attn(\.q_proj)?",
+                                             exclude_modules=r"model\.layers\.\d+\.self_attn"))
+    assert sorted(excluded.targets) == [f"model.layers.{i}.self_attn.q_proj" for i in range(LAYERS)]
 
 
 def test_merging_under_disable_adapter_keeps_the_base_model(rng):
@@ -462,6 +471,16 @@ def test_merge_and_unload_and_in_place_merge(rng):
     np.testing.assert_allclose(weights[path + ".weight"], merged[path + ".weight"], rtol=1e-6)
     model.unmerge_adapter()
     np.testing.assert_allclose(weights[path + ".weight"], originals[path + ".weight"], atol=1e-5)
+
+
+def test_safe_merge_checks_the_dtype_it_returns(rng):
+    # The check ran on the float32 merge, before the cast back: 65000 + 1000 came back as inf.
+    weights = {"q_proj.weight": np.full((4, 4), 65000, np.float16)}
+    model = LoraModel(weights, LoraConfig(r=1, target_modules=["q_proj"]), seed=0)
+    model["q_proj"].lora_A, model["q_proj"].lora_B = np.ones((1, 4)), np.full((4, 1), 1000 / 8)
+    with pytest.raises(ValueError, match=r"NaNs or infinities in the merged q_proj.weight \(as float16\)"):
+        model.merge_and_unload(safe_merge=True)
+    assert np.isinf(model.merge_and_unload()["q_proj.weight"]).all()  # unchecked, as asked
 
 
 def test_half_precision_bases_are_widened(rng):

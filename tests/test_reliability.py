@@ -490,6 +490,29 @@ def test_a_forked_child_can_change_a_layer_another_thread_was_reading() -> None:
         reader.release()
 
 
+def test_mixed_batches_in_training_mode_run_side_by_side() -> None:
+    # Dropping a kept forward took each layer to itself, so two threads' mixed batches refused
+    # each other in training mode (a model's default); they only read the layers.
+    model = make_model(np.float32)
+    layer = model[PATHS[0]]
+    x = np.ones((2, 10), np.float32)
+    reader = Holder(lambda: layer._guard)  # another thread's mixed batch in flight
+    try:
+        assert layer.training
+        model.forward(PATHS[0], x, adapter_ids=[0, -1])
+    finally:
+        reader.release()
+
+
+def test_a_raw_pair_over_a_memoryview_needs_no_layer() -> None:
+    # Looking its buffer up among the layers' cores raised "cannot hash writable memoryview".
+    buffer = memoryview(bytearray(64))
+    param, grad = np.frombuffer(buffer, np.float64, 4), np.ones(4)
+    param[:] = 1
+    nplora.SGD([(param, grad)], lr=0.1).step()
+    np.testing.assert_allclose(param, 0.9)
+
+
 def test_layers_over_overlapping_views_of_one_buffer_share_a_guard() -> None:
     # A fused QKV weight and a layer over its q rows: a merge through one changes what the other
     # reads, but their guards were keyed by (address, size) and never saw each other.
@@ -507,6 +530,18 @@ def test_layers_over_overlapping_views_of_one_buffer_share_a_guard() -> None:
     assert np.all(fused == 1)
     rows.merge()
     assert not np.all(fused[4:8] == 1)
+    # Built the other way round (the views first, then the whole): the same.
+    buffer = np.ones((12, 4))
+    q_rows = nplora.LoraLinear(buffer[0:4], r=2, seed=0).eval()
+    k_rows = nplora.LoraLinear(buffer[4:8], r=2, seed=0).eval()
+    whole = nplora.LoraLinear(buffer, r=2, init_lora_weights=False, seed=0)
+    reader = Holder(lambda: k_rows._guard)
+    try:
+        with pytest.raises(RuntimeError, match="in use by another thread"):
+            whole.merge()
+    finally:
+        reader.release()
+    assert q_rows._guard.weight is whole._guard.weight
 
 
 def test_reads_refuse_while_another_thread_changes_the_weight() -> None:

@@ -68,12 +68,17 @@ def as_input(x: Any, dtype: np.dtype, width: int, name: str = "x") -> np.ndarray
     return aligned(np.ascontiguousarray(array))
 
 
+def byte_range(array: np.ndarray) -> tuple[int, int]:
+    """[start, end) of a C-contiguous array's bytes."""
+    start = array.__array_interface__["data"][0]
+    return start, start + array.nbytes
+
+
 def output_array(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype,
-                 inputs: tuple[np.ndarray, ...], owned: tuple[np.ndarray, ...] = ()) -> np.ndarray:
+                 inputs: tuple[np.ndarray, ...]) -> np.ndarray:
     """Return `out` checked to receive a result of `shape` and `dtype`, or a new array.
 
-    `out` may overlap neither `inputs` nor `owned` (the layer's weight, bias, parameters and
-    gradients, which the kernels read while they write `out`).
+    `out` may not overlap `inputs` (nor, checked by the layer, its own arrays).
     """
     if out is None:
         return np.empty(shape, dtype=dtype)
@@ -88,11 +93,6 @@ def output_array(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype
     for array in inputs:
         if np.may_share_memory(out, array):
             raise ValueError("out must not overlap the input")
-    for array in owned:
-        if np.may_share_memory(out, array):
-            raise ValueError(f"out must not overlap the layer's own arrays (weight, bias, "
-                             f"parameters, gradients): it shares memory with one of shape "
-                             f"{array.shape}")
     return out
 
 

@@ -42,29 +42,29 @@ class _WeightGuard:
         self.writing: str | None = None  # what the weight writer is doing
 
 
-# Every weight guard with the bytes it covers: [start, end) of each array of layers under it.
-_WEIGHT_GUARDS: list[tuple[int, int, weakref.ref[_WeightGuard]]] = []
+# One guard per buffer: every layer whose weight is a view of the same memory (the same array,
+# or a fused QKV weight and a layer over its q rows) shares it, since a merge through one changes
+# what the others read. (Views that do not overlap share it too: a merge through one is refused
+# while another runs, which is safe, and a lookup stays one step however many weights there are.)
+_WEIGHT_GUARDS: weakref.WeakValueDictionary[int, _WeightGuard] = weakref.WeakValueDictionary()
 _REGISTRY_LOCK = threading.Lock()
 
 
-def _weight_guard(weight: np.ndarray) -> _WeightGuard:
-    """The guard of every layer whose weight overlaps `weight` in memory.
+def _buffer_of(array: np.ndarray) -> Any:
+    """The object that owns `array`'s memory: the end of its chain of bases."""
+    owner: Any = array
+    while isinstance(owner, np.ndarray) and owner.base is not None:
+        owner = owner.base
+    return owner
 
-    Not only the same array: a fused QKV weight and a layer over its q rows are one weight (a
-    merge through one changes what the other reads). Layers keep their arrays, so the addresses,
-    alive. (Layer weights are C-contiguous, so an array covers one run of bytes.)
-    """
-    start = weight.__array_interface__["data"][0]
-    end = start + max(weight.nbytes, 1)
+
+def _weight_guard(weight: np.ndarray) -> _WeightGuard:
+    # The layers keep their weights, so the buffer (and its id) alive as long as the guard is.
+    key = id(_buffer_of(weight))
     with _REGISTRY_LOCK:
-        live = [(s, e, ref) for s, e, ref in _WEIGHT_GUARDS if ref() is not None]
-        # (Should a new array overlap two guards that do not overlap each other, it joins the
-        # first: three such views of one buffer are not told apart.)
-        found = next((ref() for s, e, ref in live if s < end and start < e), None)
-        guard = found if found is not None else _WeightGuard()
-        if not any(s == start and e == end and ref() is guard for s, e, ref in live):
-            live.append((start, end, weakref.ref(guard)))
-        _WEIGHT_GUARDS[:] = live
+        guard = _WEIGHT_GUARDS.get(key)
+        if guard is None:
+            guard = _WEIGHT_GUARDS[key] = _WeightGuard()
     return guard
 
 
@@ -79,7 +79,7 @@ def _guard_of_array(array: np.ndarray) -> LayerGuard | None:
         owner = owner.base
     try:
         return _CORE_GUARDS.get(owner) if owner is not None else None
-    except TypeError:  # an unhashable base: not a core
+    except (TypeError, ValueError):  # an unhashable base (a writable memoryview): not a core
         return None
 
 
@@ -88,7 +88,7 @@ def _reset_after_fork() -> None:
     the fork never finish there, so their marks would refuse every change to those layers forever."""
     global _REGISTRY_LOCK
     _REGISTRY_LOCK = threading.Lock()
-    for shared in {id(g): g for g in (ref() for _, _, ref in _WEIGHT_GUARDS) if g is not None}.values():
+    for shared in list(_WEIGHT_GUARDS.values()):
         shared.lock, shared.writing = threading.Lock(), None
         shared.users.clear()
     for guard in list(_LAYER_GUARDS):

@@ -10,7 +10,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ._guard import LayerGuard
+from ._arrays import byte_range
+from ._guard import LayerGuard, _buffer_of
 
 
 _Layer = TypeVar("_Layer", bound="LoraLayerBase")  # train()/eval() return the subclass itself
@@ -218,10 +219,28 @@ class LoraLayerBase:
             self._core.delta_weight(out)
         return out
 
-    def _owned_arrays(self) -> tuple[np.ndarray, ...]:
-        """What the layer reads or keeps: no ``out=`` may overlap them."""
-        owned = [self._weight] + [a for _, a in self.named_parameters()] + [g for _, g in self.named_grads()]
-        return tuple(owned if self._bias is None else owned + [self._bias])
+    def _check_out(self, out: np.ndarray) -> None:
+        """ValueError if ``out=`` overlaps what the layer reads or keeps (weight, bias, A, B, the
+        gradients), which the kernels read while they write `out`."""
+        cached = self.__dict__.get("_owned_cache")
+        if cached is None:
+            # Found once: the arrays never move (assigning A copies into it); making their views
+            # on every call doubled the cost of a small forward with out=.
+            arrays = [self._weight] + [a for _, a in self.named_parameters()] + [
+                g for _, g in self.named_grads()] + ([] if self._bias is None else [self._bias])
+            cached = (frozenset(id(_buffer_of(a)) for a in arrays),
+                      tuple(byte_range(a) + (a.shape,) for a in arrays))
+            self.__dict__["_owned_cache"] = cached
+        owners, ranges = cached
+        root = _buffer_of(out)
+        if isinstance(root, np.ndarray) and id(root) not in owners:
+            return  # memory of an array of its own (np.empty): no overlap to look for
+        start, end = byte_range(out)
+        for owned_start, owned_end, shape in ranges:
+            if start < owned_end and owned_start < end and out.nbytes:
+                raise ValueError(f"out must not overlap the layer's own arrays (weight, bias, "
+                                 f"parameters, gradients): it shares memory with one of shape "
+                                 f"{shape}")
 
     def _forget_forward(self) -> None:
         """Drop what the last training-mode forward kept (backward then raises until the next)."""
@@ -289,7 +308,8 @@ class LoraLayerBase:
 
     def __getstate__(self) -> dict[str, Any]:
         with self._guard:
-            state = {k: v for k, v in self.__dict__.items() if k not in ("_core", "_guard")}
+            state = {k: v for k, v in self.__dict__.items()
+                     if k not in ("_core", "_guard", "_owned_cache")}  # addresses: not carried
             state["_init_args"] = self._init_args()
             state["_arrays"] = {attr: np.array(getattr(self._core, attr))
                                 for name in self._param_names for attr in (name, name + "_grad")}

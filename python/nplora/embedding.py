@@ -33,6 +33,12 @@ def as_ids(ids: Any, num_embeddings: int) -> np.ndarray:
     IndexError naming the id as given: cast first, 2**64 - 1 would be reported as -1.
     """
     array = np.asarray(ids)
+    if array.dtype.kind == "f" and not isinstance(ids, np.ndarray):
+        # A list mixing int64 and uint64 values becomes float64 (2**64 - 1 rounded): as objects,
+        # integers stay exact and get the range check below.
+        exact = np.asarray(ids, dtype=object)
+        if all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in exact.reshape(-1)):
+            array = exact
     flat = array.reshape(-1)
     if array.dtype.kind == "O" and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
                                        for v in flat):
@@ -155,8 +161,9 @@ class LoraEmbedding(LoraLayerBase):
         ndarray, shape ids.shape + (embedding_dim,)
         """
         ids = as_ids(ids, self.num_embeddings)
-        result = output_array(out, ids.shape + (self.embedding_dim,), self.dtype, (ids,),
-                              self._owned_arrays() if out is not None else ())
+        result = output_array(out, ids.shape + (self.embedding_dim,), self.dtype, (ids,))
+        if out is not None:
+            self._check_out(out)
         flat_ids, flat_out = ids.reshape(-1), result.reshape(-1, self.embedding_dim)
         if self._training:  # keeps the ids for backward: the layer's own state
             with self._guard.writing_layer("run a training-mode forward"):
@@ -185,8 +192,10 @@ class LoraEmbedding(LoraLayerBase):
         """
         with self._guard.writing_layer("run backward"):
             if self._ids_shape is None:
-                raise RuntimeError("backward() needs a forward() in training mode first (each "
-                                   "forward serves one backward, unless retain_graph=True)")
+                raise RuntimeError("backward() needs a forward() in training mode first: nothing is "
+                                   "kept (each forward serves one backward unless retain_graph=True; "
+                                   "optimizer steps, merges, assigning lora_A or lora_B and mixed "
+                                   "batches drop what a forward kept)")
             grad_out = as_input(grad_out, self.dtype, self.embedding_dim, "grad_out")
             expected = self._ids_shape + (self.embedding_dim,)
             if grad_out.shape != expected:

@@ -133,8 +133,9 @@ class LoraLinear(LoraLayerBase):
         """
         x = as_input(x, self.dtype, self.in_features)
         batch_shape = x.shape[:-1]
-        y = output_array(out, batch_shape + (self.out_features,), self.dtype, (x,),
-                         self._owned_arrays() if out is not None else ())
+        y = output_array(out, batch_shape + (self.out_features,), self.dtype, (x,))
+        if out is not None:
+            self._check_out(out)
         x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
         if self._training:  # keeps activations and draws dropout: the layer's own state
             with self._guard.writing_layer("run a training-mode forward"):
@@ -168,8 +169,10 @@ class LoraLinear(LoraLayerBase):
         """
         with self._guard.writing_layer("run backward"):
             if self._batch_shape is None:
-                raise RuntimeError("backward() needs a forward() in training mode first (each "
-                                   "forward serves one backward, unless retain_graph=True)")
+                raise RuntimeError("backward() needs a forward() in training mode first: nothing is "
+                                   "kept (each forward serves one backward unless retain_graph=True; "
+                                   "optimizer steps, merges, assigning lora_A or lora_B and mixed "
+                                   "batches drop what a forward kept)")
             grad_y = as_input(grad_y, self.dtype, self.out_features, "grad_y")
             expected = self._batch_shape + (self.out_features,)
             if grad_y.shape != expected:

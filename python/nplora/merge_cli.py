@@ -33,13 +33,17 @@ from .adapters import (
 from .config import LoraConfig
 from .safetensors_io import INDEX_NAME, SINGLE_NAME, LazyWeights, open_weights
 from .safetensors_write import SafetensorsWriter
+from .targets import missing_weight_hint
 
 OUTPUT_DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 BLOCK_BYTES = 32 << 20  # rows merged/copied per step: about this many bytes of the compute dtype
 # Files of a model folder that hold (unmerged) weights in other formats: not copied to the output.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
-# The sub-folder whose weight files are the base model again (Meta's checkpoint in Llama snapshots).
-_BASE_COPY_FOLDER = "original"
+# Sub-folders whose weight files are the base model again, unmerged: Meta's checkpoint in Llama
+# snapshots, and ONNX / OpenVINO exports (served from the output folder, they would run the model
+# without the adapter).
+_BASE_COPY_FOLDERS = ("original", "onnx", "openvino")
+_EXPORT_SUFFIXES = _WEIGHT_SUFFIXES + (".onnx", ".onnx_data", ".xml")
 
 
 def _float_dtypes() -> dict[str, np.dtype]:
@@ -116,7 +120,8 @@ def _plan(weights: LazyWeights, modules: dict[str, AdapterModule], config: LoraC
         key = f"{path}.weight"
         expected = module.base_shape(config.fan_in_fan_out) if module.kind == "linear" else module.base_shape()
         if key not in weights:
-            problems.append(f"adapter module {path!r} ({module.kind}) has no base weight {key!r}")
+            problems.append(f"adapter module {path!r} ({module.kind}) has no base weight {key!r}"
+                            + missing_weight_hint(path))
         elif weights.shape_of(key) != expected:
             problems.append(f"{key}: the base weight has shape {weights.shape_of(key)}, the adapter "
                             f"({module.kind}, lora_A {module.lora_A.shape}, lora_B {module.lora_B.shape}) "
@@ -140,12 +145,21 @@ def _blocks(rows: int, row_elements: int) -> Iterator[tuple[int, int]]:
 def _cast(array: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
     if array.dtype == dtype:
         return array
+    def overflow() -> ValueError:
+        return ValueError(f"{name}: values overflow {dtype} (largest |value| "
+                          f"{float(np.max(np.abs(array.astype(np.float64)))):g})")
+
     with np.errstate(over="raise", invalid="ignore"):
         try:
-            return array.astype(dtype)
+            cast = array.astype(dtype)
         except FloatingPointError:
-            raise ValueError(f"{name}: values overflow {dtype} (largest |value| "
-                             f"{float(np.max(np.abs(array))):g})") from None
+            raise overflow() from None
+    # bfloat16 -> float16 (ml_dtypes' cast) gives inf without NumPy's overflow error: an inf
+    # that was finite before is the same overflow.
+    if cast.dtype.kind == "f" and not np.isfinite(cast).all() and (
+            np.isfinite(cast) != np.isfinite(array.astype(np.float64))).any():
+        raise overflow()
+    return cast
 
 
 def _merge_block(block: np.ndarray, module: AdapterModule, config: LoraConfig, rows: slice,
@@ -223,10 +237,11 @@ def _copy_extras(base: str, shards: list[str], dest: str, report: MergeReport) -
             # Meta's original/ folder in Llama snapshots: its consolidated.*.pth (16 GB and more)
             # is the unmerged base model again, in another format.
             def skip_weights(folder: str, names: list[str]) -> set[str]:
-                weights = {n for n in names if n.endswith(_WEIGHT_SUFFIXES)
+                export = entry in _BASE_COPY_FOLDERS
+                weights = {n for n in names if n.endswith(_EXPORT_SUFFIXES if export else _WEIGHT_SUFFIXES)
                            and not os.path.isdir(os.path.join(folder, n))}
                 listed = [os.path.relpath(os.path.join(folder, n), base) for n in sorted(weights)]
-                if entry == _BASE_COPY_FOLDER:
+                if export:
                     report.skipped_files.extend(listed)
                     return weights
                 report.copied_weight_files.extend(listed)
@@ -260,7 +275,12 @@ def _move_into_place(tmp: str, out: str) -> None:
         return
     old = tempfile.mkdtemp(prefix=os.path.basename(out) + ".old-", dir=os.path.dirname(out))
     os.rename(out, os.path.join(old, "previous"))
-    os.rename(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except BaseException:  # (Ctrl-C too) the previous output goes back where it was
+        os.rename(os.path.join(old, "previous"), out)
+        os.rmdir(old)
+        raise
     shutil.rmtree(old)
 
 
@@ -332,6 +352,29 @@ def _make_parents(folder: str) -> list[str]:
     return missing
 
 
+def _set_config_dtype(path: str, dtype: np.dtype) -> None:
+    """Name the output's dtype in its copied config.json (``dtype``, and ``torch_dtype`` as older
+    transformers wrote it), as PEFT's merge and save_pretrained do: otherwise
+    ``from_pretrained(out, dtype="auto")`` loads it in the base's dtype."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except ValueError:
+            return  # not ours to judge: copied as it was
+    if not isinstance(config, dict):
+        return
+    name = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32",
+            "float64": "float64"}[str(dtype)]
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+    for key in keys:
+        config[key] = name
+    with open(path, "w", encoding="utf-8") as f:  # inside the temporary output folder
+        json.dump(config, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
 def _write_output(weights: LazyWeights, base: str, out: str, as_file: bool,
                   plan: dict[str, AdapterModule], config: LoraConfig, target: np.dtype | None,
                   report: MergeReport, progress: bool) -> None:
@@ -353,6 +396,8 @@ def _write_output(weights: LazyWeights, base: str, out: str, as_file: bool,
                     if weights.is_sharded:
                         _write_index(weights, base, tmp, report)
                     _copy_extras(base, weights.shards, tmp, report)
+                    if target is not None:
+                        _set_config_dtype(os.path.join(tmp, "config.json"), target)
                 _move_into_place(tmp, out)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

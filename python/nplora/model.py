@@ -510,16 +510,18 @@ class LoraModel:
         module = self._modules.get(path)
         if module is None:
             raise KeyError(f"{path!r} has no adapter")
-        # It keeps nothing, so it drops what an earlier training-mode forward kept: a backward
-        # now raises instead of pairing that forward's input with this output's gradient.
-        for layer in module.layers.values():
-            if layer.training:
-                layer._forget_forward()
         with reading_all(layer._guard for layer in module.layers.values()):
             # Checked while read, so no other thread's merge can land between check and use.
             if module.merged_adapters():
                 raise RuntimeError(f"{path!r} has merged adapters: unmerge before a mixed batch")
-            return mixed_forward(module, self.adapter_names, x, adapter_ids)
+            y = mixed_forward(module, self.adapter_names, x, adapter_ids)
+        # It keeps nothing, so, once it has run, it drops what an earlier training-mode forward
+        # kept: a backward then raises instead of pairing that forward's input with this output's
+        # gradient. (Only where something is kept: mixed batches only read, and run side by side.)
+        for layer in module.layers.values():
+            if getattr(layer, layer._kept_shape_attr) is not None:
+                layer._forget_forward()
+        return y
 
     # ----------------------------------------------------------------- merging
     def merge_adapter(self, safe_merge: bool = False) -> None:
@@ -599,10 +601,12 @@ class LoraModel:
                 layer._core.add_delta_to(base, -1.0)
                 merged[key] = base.astype(original.dtype, copy=False)
                 continue
-            weight = layer.merged_weight()
+            with np.errstate(over="ignore"):  # checked below, in the dtype it is returned in
+                weight = layer.merged_weight().astype(original.dtype, copy=False)
             if safe_merge and not np.isfinite(weight).all():
-                raise ValueError(f"NaNs or infinities in the merged {key}: the adapter seems broken")
-            merged[key] = weight.astype(original.dtype, copy=False)
+                raise ValueError(f"NaNs or infinities in the merged {key} (as {weight.dtype}): the "
+                                 "adapter seems broken")
+            merged[key] = weight
         return merged
 
     # ----------------------------------------------------------------- files
@@ -680,8 +684,9 @@ class LoraModel:
         The files are read from ``directory/subfolder`` if given, else from
         ``directory/adapter_name`` when that holds an adapter (the layout save_adapter writes for
         several adapters), else from `directory` itself. Every tensor is checked
-        against the base weights (shapes) and the config (ranks); modules the config targets but
-        the file lacks, or the file has but the config does not target, are errors.
+        against the base weights (shapes) and the config (ranks); modules the file has but the
+        config does not target are an error, and modules the config targets but the file lacks a
+        LoraWarning (as PEFT's missing keys: they get no adapter).
 
         Parameters
         ----------

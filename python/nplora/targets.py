@@ -41,6 +41,16 @@ OUTPUT_LAYER_NAMES = (
 )
 
 
+def missing_weight_hint(path: str) -> str:
+    """A hint for an adapted module whose weight the base lacks: an output layer tied to the
+    input embeddings is stored once, under the embedding's name."""
+    if not _is_output_layer(path):
+        return ""
+    return (" (tied to the input embeddings? a model with tie_word_embeddings stores that weight "
+            "once, under the embedding's name, and nplora does not merge into tied weights: "
+            "untie it first, giving the model its own lm_head.weight, or merge with PEFT)")
+
+
 def _is_output_layer(name: str) -> bool:
     return any(name == tail or name.endswith("." + tail) for tail in OUTPUT_LAYER_NAMES)
 
@@ -59,6 +69,16 @@ def _layer_index(config: LoraConfig, name: str) -> int | None:
     return int(match.group("idx")) if match else None
 
 
+def _excluded(config: LoraConfig, name: str) -> bool:
+    """Whether exclude_modules leaves module `name` out (PEFT checks it before the targets)."""
+    exclude = config.exclude_modules
+    if exclude is None:
+        return False
+    if isinstance(exclude, str):
+        return re.fullmatch(exclude, name) is not None
+    return name in exclude or any(name.endswith("." + e) for e in exclude)
+
+
 def is_target(config: LoraConfig, name: str, is_embedding: bool = False) -> bool:
     """PEFT's rule (``check_target_module_exists``) for whether module `name` gets an adapter.
 
@@ -66,13 +86,8 @@ def is_target(config: LoraConfig, name: str, is_embedding: bool = False) -> bool
     is a regex that must match the whole name; ``"all-linear"`` takes every linear module but
     the output layer (OUTPUT_LAYER_NAMES). exclude_modules wins; layers_to_transform/layers_pattern filter suffix matches.
     """
-    exclude = config.exclude_modules
-    if exclude is not None:
-        if isinstance(exclude, str):
-            if re.fullmatch(exclude, name):
-                return False
-        elif name in exclude or any(name.endswith("." + e) for e in exclude):
-            return False
+    if _excluded(config, name):
+        return False
     targets = config.target_modules
     if targets is None:
         raise ValueError("target_modules must be set: nplora has no per-architecture defaults")
@@ -119,7 +134,7 @@ def match_targets(config: LoraConfig, paths: Sequence[str], is_embedding: Callab
         leaves = set(paths)
         for container in sorted({p.rsplit(".", k)[0] for p in paths for k in range(1, p.count(".") + 1)}
                                 - leaves):
-            if re.fullmatch(targets, container):
+            if re.fullmatch(targets, container) and not _excluded(config, container):
                 raise ValueError(
                     f"target_modules={targets!r} also matches {container!r}, which holds other "
                     "modules: PEFT refuses such a pattern (match the layers only, e.g. end it "
@@ -158,7 +173,7 @@ def check_adapter_modules(config: LoraConfig, modules: Mapping[str, AdapterModul
         actual = shape_of(key)
         if actual is None:
             raise AdapterMismatchError(f"the adapter has module {path!r}, but the base weights "
-                                       f"have no {key!r}")
+                                       f"have no {key!r}" + missing_weight_hint(path))
         expected = record.base_shape(config.fan_in_fan_out and record.kind == "linear")
         if actual != expected:
             raise AdapterMismatchError(
