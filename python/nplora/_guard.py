@@ -174,10 +174,11 @@ class _Held:
                 raise _busy(guard.what, self.action, shared.writing or "a merge")
             shared.writing = self.action
             array = guard.array()
-            if shared.users or (array is not None and not array.flags.writeable):
+            in_use = bool(shared.users)  # read once: a reader may leave between two reads
+            if in_use or (array is not None and not array.flags.writeable):
                 shared.writing = None
                 shared.lock.release()
-                if shared.users:
+                if in_use:
                     raise _in_use(guard.what, self.action)
                 raise ValueError(READ_ONLY_MESSAGE)
         else:
