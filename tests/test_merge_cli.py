@@ -77,6 +77,7 @@ def write_model(folder: Path, tensors: dict[str, np.ndarray], shards: int = 3) -
     (folder / "onnx").mkdir()  # an export of the unmerged model: served, it would skip the adapter
     (folder / "onnx" / "model.onnx").write_bytes(b"the unmerged model, exported")
     (folder / "onnx" / "config.json").write_text("{}")
+    (folder / "model.onnx").write_bytes(b"the unmerged model, exported at the top")
 
 
 def make_adapter(folder: Path, *, fan_in_fan_out: bool = False, use_rslora: bool = False, seed: int = 1,
@@ -142,11 +143,12 @@ def test_merge_sharded_model_matches_numpy(tmp_path: Path, dtype_name: str) -> N
     config, modules = make_adapter(tmp_path / "adapter")
     report = merge_cli.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progress=False)
     assert (report.merged, report.copied, report.files) == (len(modules), len(tensors) - len(modules), 3)
-    assert report.skipped_files == ["onnx/model.onnx", "original/consolidated.00.pth", "pytorch_model.bin"]
+    assert report.skipped_files == ["model.onnx", "onnx/model.onnx", "original/consolidated.00.pth",
+                                    "pytorch_model.bin"]
     assert report.copied_weight_files == ["2_Dense/model.safetensors"] and report.peak_rss > 0
     assert_merged(tmp_path / "out", expected_merge(tensors, config, modules), modules, dtype_name)
     base, out = tmp_path / "base", tmp_path / "out"
-    assert sorted(os.listdir(out)) == sorted(set(os.listdir(base)) - {"pytorch_model.bin"})
+    assert sorted(os.listdir(out)) == sorted(set(os.listdir(base)) - {"pytorch_model.bin", "model.onnx"})
     for name in (INDEX_NAME, "config.json", "tokenizer.json", "extra/notes.txt",
                  "original/params.json", "2_Dense/model.safetensors", "onnx/config.json"):
         assert (out / name).read_bytes() == (base / name).read_bytes(), name
@@ -220,6 +222,9 @@ def test_bfloat16_to_float16_overflow_is_an_error(tmp_path: Path) -> None:
         merge_cli.merge(tmp_path / "base.safetensors", tmp_path / "adapter", tmp_path / "out.safetensors",
                         dtype="float16", progress=False)
     assert leftovers(tmp_path) == []
+    # Into bfloat16 (kind "V" in ml_dtypes, and NumPy raises nothing for it either).
+    with pytest.raises(ValueError, match=r"t: values overflow bfloat16 \(largest \|value\| 3.4e\+38\)"):
+        merge_cli._cast(np.array([3.4e38, np.nan]), np.dtype(ml_dtypes.bfloat16), "t")
 
 
 def test_float16_overflow_is_an_error(tmp_path: Path) -> None:
@@ -377,7 +382,7 @@ def test_cli_merge_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(argv + ["--quiet"]) == 0
     captured = capsys.readouterr()
     assert "merged 10 tensor(s), copied 17, in 3 file(s)" in captured.out and "peak RSS" in captured.out
-    assert "not copied (weights in another format): onnx/model.onnx, original/consolidated.00.pth" in captured.out
+    assert "not copied (weights in another format): model.onnx, onnx/model.onnx, original/consolidated.00.pth" in captured.out
     assert "copied as they are (other modules' weights, not merged): 2_Dense" in captured.out
     assert captured.err == ""
     assert main(argv) == 1

@@ -312,6 +312,15 @@ def test_tied_weights_are_not_merged_in_place(rng):
         untied = LoraModel({**weights, "lm_head.weight": table.copy()}, config, seed=0)
     untied.merge_adapter()
     assert untied["lm_head"].merged
+    # Two views of one buffer, one made read-only after the model was built: merge_adapter took
+    # the buffer's guard once and looked only at the first view's flag.
+    buffer = np.ones((2 * HIDDEN, HIDDEN))
+    views = {"a.weight": buffer[:HIDDEN], "b.weight": buffer[HIDDEN:]}
+    two = LoraModel(views, LoraConfig(r=2, target_modules=["a", "b"], init_lora_weights=False), seed=0)
+    views["b.weight"].flags.writeable = False
+    with pytest.raises(ValueError, match="weight is read-only"):
+        two.merge_adapter()
+    assert np.all(buffer == 1)
 
 
 def test_a_loaded_model_still_knows_its_embeddings(rng, tmp_path):

@@ -542,6 +542,18 @@ def test_layers_over_overlapping_views_of_one_buffer_share_a_guard() -> None:
     finally:
         reader.release()
     assert q_rows._guard.weight is whole._guard.weight
+    # Memory no ndarray owns, reached through different objects: two memoryviews of one buffer.
+    raw = bytearray(np.ones((12, 4)).tobytes())
+    first = nplora.LoraLinear(np.frombuffer(memoryview(raw), np.float64).reshape(12, 4), r=2,
+                              init_lora_weights=False, seed=0)
+    rows_of_second = nplora.LoraLinear(np.frombuffer(memoryview(raw), np.float64).reshape(12, 4)[4:8],
+                                       r=2, seed=1).eval()
+    reader = Holder(lambda: rows_of_second._guard)
+    try:
+        with pytest.raises(RuntimeError, match="in use by another thread"):
+            first.merge()
+    finally:
+        reader.release()
 
 
 def test_reads_refuse_while_another_thread_changes_the_weight() -> None:

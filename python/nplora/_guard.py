@@ -18,6 +18,7 @@ both fail; neither ever proceeds unseen.
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 import weakref
@@ -42,30 +43,64 @@ class _WeightGuard:
         self.writing: str | None = None  # what the weight writer is doing
 
 
-# One guard per buffer: every layer whose weight is a view of the same memory (the same array,
-# or a fused QKV weight and a layer over its q rows) shares it, since a merge through one changes
-# what the others read. (Views that do not overlap share it too: a merge through one is refused
-# while another runs, which is safe, and a lookup stays one step however many weights there are.)
-_WEIGHT_GUARDS: weakref.WeakValueDictionary[int, _WeightGuard] = weakref.WeakValueDictionary()
+# Which layers' weights are one weight, found two ways: by the ndarray that owns the memory
+# (views of one array share its guard, overlapping or not, in any order of construction), and by
+# address, for memory no ndarray owns (two .numpy() views of one torch tensor, memoryviews, an
+# mmap) and to join the two: disjoint runs of bytes sorted by start, [start, end, guard], each the
+# union of the weights under one guard, found by bisection. Every layer whose weight overlaps
+# another's (a fused QKV weight and a layer over its q rows, tied embeddings) thus shares its
+# guard, since a merge through one changes what the other reads.
+_OWNER_GUARDS: weakref.WeakValueDictionary[int, _WeightGuard] = weakref.WeakValueDictionary()
+_WEIGHT_GUARDS: list[list[Any]] = []
 _REGISTRY_LOCK = threading.Lock()
+_DEAD = [False]  # a guard has died since the runs were last pruned
 
 
 def _buffer_of(array: np.ndarray) -> Any:
-    """The object that owns `array`'s memory: the end of its chain of bases."""
+    """The object that owns `array`'s memory: the end of its chain of bases (through the
+    stand-ins NumPy keeps a base on, such as as_strided's)."""
     owner: Any = array
-    while isinstance(owner, np.ndarray) and owner.base is not None:
-        owner = owner.base
-    return owner
+    while True:
+        base = getattr(owner, "base", None)
+        if base is None or not (isinstance(owner, np.ndarray) or isinstance(base, np.ndarray)):
+            return owner
+        owner = base
 
 
 def _weight_guard(weight: np.ndarray) -> _WeightGuard:
-    # The layers keep their weights, so the buffer (and its id) alive as long as the guard is.
-    key = id(_buffer_of(weight))
+    """The guard of the weights `weight` shares memory with (or a new one).
+
+    The layers keep their weights alive, so an owner's id and a run's bytes stay theirs while the
+    guard lives. (Should memory no ndarray owns be reached as two disjoint views first and a view
+    over both later, that last one joins the first's guard only: not told apart.)
+    """
+    owner = _buffer_of(weight)
+    start = weight.__array_interface__["data"][0]
+    end = start + max(weight.nbytes, 1)
     with _REGISTRY_LOCK:
-        guard = _WEIGHT_GUARDS.get(key)
+        runs = _WEIGHT_GUARDS
+        if _DEAD[0]:
+            runs[:] = [run for run in runs if run[2]() is not None]
+            _DEAD[0] = False
+        guard = _OWNER_GUARDS.get(id(owner)) if isinstance(owner, np.ndarray) else None
+        i = bisect.bisect_right(runs, start, key=lambda run: run[1] - 1)  # first run ending after start
+        j = i
+        while j < len(runs) and runs[j][0] < end:  # every run overlapping [start, end)
+            candidate = runs[j][2]()
+            if candidate is not None and guard is None:
+                guard = candidate
+            start, end = min(start, runs[j][0]), max(end, runs[j][1])
+            j += 1
         if guard is None:
-            guard = _WEIGHT_GUARDS[key] = _WeightGuard()
+            guard = _WeightGuard()
+        runs[i:j] = [[start, end, weakref.ref(guard, _mark_dead)]]
+        if isinstance(owner, np.ndarray):
+            _OWNER_GUARDS.setdefault(id(owner), guard)
     return guard
+
+
+def _mark_dead(_: Any) -> None:
+    _DEAD[0] = True
 
 
 _LAYER_GUARDS: weakref.WeakSet[LayerGuard] = weakref.WeakSet()
@@ -88,7 +123,7 @@ def _reset_after_fork() -> None:
     the fork never finish there, so their marks would refuse every change to those layers forever."""
     global _REGISTRY_LOCK
     _REGISTRY_LOCK = threading.Lock()
-    for shared in list(_WEIGHT_GUARDS.values()):
+    for shared in {id(g): g for g in (run[2]() for run in _WEIGHT_GUARDS) if g is not None}.values():
         shared.lock, shared.writing = threading.Lock(), None
         shared.users.clear()
     for guard in list(_LAYER_GUARDS):
@@ -251,6 +286,11 @@ def writing_all(guards: Iterable[LayerGuard], action: str, *, weight: bool = Fal
         for guard in guards:
             key = id(guard.weight) if weight else id(guard)
             if key in seen:
+                # Its weight's guard is taken already; its own array may still be read-only
+                # (two views of one buffer, one made read-only after the layers were built).
+                array = guard.array()
+                if weight and array is not None and not array.flags.writeable:
+                    raise ValueError(READ_ONLY_MESSAGE)
                 continue
             seen.add(key)
             undo.enter_context(guard.writing_weight(action) if weight else guard.writing_layer(action))

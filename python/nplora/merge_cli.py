@@ -44,6 +44,8 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 # without the adapter).
 _BASE_COPY_FOLDERS = ("original", "onnx", "openvino")
 _EXPORT_SUFFIXES = _WEIGHT_SUFFIXES + (".onnx", ".onnx_data", ".xml")
+# Exports at the top of the folder (where optimum writes them), besides _WEIGHT_SUFFIXES.
+_TOP_EXPORT_SUFFIXES = (".onnx", ".onnx_data", "openvino_model.xml")
 
 
 def _float_dtypes() -> dict[str, np.dtype]:
@@ -147,7 +149,7 @@ def _cast(array: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
         return array
     def overflow() -> ValueError:
         return ValueError(f"{name}: values overflow {dtype} (largest |value| "
-                          f"{float(np.max(np.abs(array.astype(np.float64)))):g})")
+                          f"{float(np.nanmax(np.abs(array.astype(np.float64)))):g})")
 
     with np.errstate(over="raise", invalid="ignore"):
         try:
@@ -156,7 +158,8 @@ def _cast(array: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
             raise overflow() from None
     # bfloat16 -> float16 (ml_dtypes' cast) gives inf without NumPy's overflow error: an inf
     # that was finite before is the same overflow.
-    if cast.dtype.kind == "f" and not np.isfinite(cast).all() and (
+    # (ml_dtypes' bfloat16 is kind "V", and NumPy's float -> bfloat16 cast does not raise either.)
+    if cast.dtype in _float_dtypes().values() and not np.isfinite(cast).all() and (
             np.isfinite(cast) != np.isfinite(array.astype(np.float64))).any():
         raise overflow()
     return cast
@@ -248,7 +251,7 @@ def _copy_extras(base: str, shards: list[str], dest: str, report: MergeReport) -
                 return set()
 
             shutil.copytree(source, os.path.join(dest, entry), ignore=skip_weights)
-        elif entry.endswith(_WEIGHT_SUFFIXES):
+        elif entry.endswith(_WEIGHT_SUFFIXES + _TOP_EXPORT_SUFFIXES):
             report.skipped_files.append(entry)
         else:
             shutil.copy2(source, os.path.join(dest, entry))

@@ -515,12 +515,20 @@ class LoraModel:
             if module.merged_adapters():
                 raise RuntimeError(f"{path!r} has merged adapters: unmerge before a mixed batch")
             y = mixed_forward(module, self.adapter_names, x, adapter_ids)
-        # It keeps nothing, so, once it has run, it drops what an earlier training-mode forward
-        # kept: a backward then raises instead of pairing that forward's input with this output's
-        # gradient. (Only where something is kept: mixed batches only read, and run side by side.)
-        for layer in module.layers.values():
-            if getattr(layer, layer._kept_shape_attr) is not None:
-                layer._forget_forward()
+            # It keeps nothing, so, once it has run, it drops what an earlier training-mode
+            # forward kept: a backward then raises instead of pairing that forward's input with
+            # this output's gradient. Done while still reading, so no training forward of
+            # another thread can slip in first (writers are refused now); the layer's lock keeps
+            # two threads' mixed batches from dropping at once (it is held only for moments:
+            # by another dropper, or by a writer on its way to being refused).
+            for layer in module.layers.values():
+                if getattr(layer, layer._kept_shape_attr) is not None and \
+                        layer._guard.lock.acquire(timeout=5):
+                    try:
+                        if getattr(layer, layer._kept_shape_attr) is not None:
+                            layer._drop_kept()
+                    finally:
+                        layer._guard.lock.release()
         return y
 
     # ----------------------------------------------------------------- merging
