@@ -513,6 +513,16 @@ def test_a_raw_pair_over_a_memoryview_needs_no_layer() -> None:
     np.testing.assert_allclose(param, 0.9)
 
 
+def assert_merge_refused_while_read(merged: nplora.LoraLinear, read: nplora.LoraLinear) -> None:
+    """`merged.merge()` is refused while another thread reads `read` (an eval forward in flight)."""
+    reader = Holder(lambda: read._guard)
+    try:
+        with pytest.raises(RuntimeError, match="in use by another thread"):
+            merged.merge()
+    finally:
+        reader.release()
+
+
 def test_layers_over_overlapping_views_of_one_buffer_share_a_guard() -> None:
     # A fused QKV weight and a layer over its q rows: a merge through one changes what the other
     # reads, but their guards were keyed by (address, size) and never saw each other.
@@ -535,12 +545,7 @@ def test_layers_over_overlapping_views_of_one_buffer_share_a_guard() -> None:
     q_rows = nplora.LoraLinear(buffer[0:4], r=2, seed=0).eval()
     k_rows = nplora.LoraLinear(buffer[4:8], r=2, seed=0).eval()
     whole = nplora.LoraLinear(buffer, r=2, init_lora_weights=False, seed=0)
-    reader = Holder(lambda: k_rows._guard)
-    try:
-        with pytest.raises(RuntimeError, match="in use by another thread"):
-            whole.merge()
-    finally:
-        reader.release()
+    assert_merge_refused_while_read(whole, k_rows)
     assert q_rows._guard.weight is whole._guard.weight
     # Memory no ndarray owns, reached through different objects: two memoryviews of one buffer.
     raw = bytearray(np.ones((12, 4)).tobytes())
@@ -548,12 +553,7 @@ def test_layers_over_overlapping_views_of_one_buffer_share_a_guard() -> None:
                               init_lora_weights=False, seed=0)
     rows_of_second = nplora.LoraLinear(np.frombuffer(memoryview(raw), np.float64).reshape(12, 4)[4:8],
                                        r=2, seed=1).eval()
-    reader = Holder(lambda: rows_of_second._guard)
-    try:
-        with pytest.raises(RuntimeError, match="in use by another thread"):
-            first.merge()
-    finally:
-        reader.release()
+    assert_merge_refused_while_read(first, rows_of_second)
 
 
 def test_reads_refuse_while_another_thread_changes_the_weight() -> None:

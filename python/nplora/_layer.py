@@ -21,6 +21,12 @@ class LoraWarning(UserWarning):
     """Warnings from nplora (a second merge, an unmerge with nothing merged, ...)."""
 
 
+# Backward's message when nothing is kept for it, for both layers.
+NO_KEPT_FORWARD = ("backward() needs a forward() in training mode first: nothing is kept (each "
+                   "forward serves one backward unless retain_graph=True; optimizer steps, merges, "
+                   "assigning lora_A or lora_B and mixed batches drop what a forward kept)")
+
+
 def parameter_property(name: str, doc: str) -> property:
     """A layer attribute over the core's array `name` (A, B or a gradient), which shares the
     layer's memory; assigning a whole array copies it in.

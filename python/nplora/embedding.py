@@ -20,7 +20,7 @@ from ._arrays import (
     output_array,
     resolve_seed,
 )
-from ._layer import LoraLayerBase, parameter_property
+from ._layer import NO_KEPT_FORWARD, LoraLayerBase, parameter_property
 
 _CORE_EMBEDDING = {np.dtype(np.float32): _core.LoraEmbedding_float32,
                    np.dtype(np.float64): _core.LoraEmbedding_float64}
@@ -192,10 +192,7 @@ class LoraEmbedding(LoraLayerBase):
         """
         with self._guard.writing_layer("run backward"):
             if self._ids_shape is None:
-                raise RuntimeError("backward() needs a forward() in training mode first: nothing is "
-                                   "kept (each forward serves one backward unless retain_graph=True; "
-                                   "optimizer steps, merges, assigning lora_A or lora_B and mixed "
-                                   "batches drop what a forward kept)")
+                raise RuntimeError(NO_KEPT_FORWARD)
             grad_out = as_input(grad_out, self.dtype, self.embedding_dim, "grad_out")
             expected = self._ids_shape + (self.embedding_dim,)
             if grad_out.shape != expected:

@@ -20,7 +20,7 @@ from ._arrays import (
     resolve_seed,
 )
 from ._guard import writing_all
-from ._layer import LoraLayerBase, parameter_property
+from ._layer import NO_KEPT_FORWARD, LoraLayerBase, parameter_property
 
 _CORE_LINEAR = {np.dtype(np.float32): _core.LoraLinear_float32, np.dtype(np.float64): _core.LoraLinear_float64}
 
@@ -169,10 +169,7 @@ class LoraLinear(LoraLayerBase):
         """
         with self._guard.writing_layer("run backward"):
             if self._batch_shape is None:
-                raise RuntimeError("backward() needs a forward() in training mode first: nothing is "
-                                   "kept (each forward serves one backward unless retain_graph=True; "
-                                   "optimizer steps, merges, assigning lora_A or lora_B and mixed "
-                                   "batches drop what a forward kept)")
+                raise RuntimeError(NO_KEPT_FORWARD)
             grad_y = as_input(grad_y, self.dtype, self.out_features, "grad_y")
             expected = self._batch_shape + (self.out_features,)
             if grad_y.shape != expected:
