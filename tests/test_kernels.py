@@ -44,15 +44,96 @@ def test_small_batch_pack_of_strided_rows_split_over_threads(rng, dtype, n, trai
     np.testing.assert_allclose(layer.forward(x), expected, rtol=tol, atol=tol * np.abs(expected).max())
 
 
-def worst_error_on_every_isa(script: str) -> dict[str, float]:
+def worst_error_on_every_isa(script: str, **env_vars: str) -> dict[str, float]:
     """Runs `script` (which prints "<isa> <worst error>") once per NPLORA_ISA, in fresh processes."""
     seen = {}
     for isa in ("avx512", "avx2", "none"):
-        env = dict(os.environ, NPLORA_ISA=isa)
+        env = dict(os.environ, NPLORA_ISA=isa, **env_vars)
         out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                              check=True).stdout.split()
         seen[out[0]] = float(out[1])
     return seen
+
+
+@pytest.mark.parametrize("n", [7, 8])
+@pytest.mark.parametrize("training", [False, True])
+def test_two_k_per_lane_pack_split_at_odd_columns(rng, n, training):
+    # Float batches of 7-8 rows on AVX-512 pack two k per lane pair. 2051 columns split over 2-3
+    # threads at odd k (1025; 683, 1367), so a part starts on a pair's second lane, and the last
+    # pair is half full. Bitwise the same on any thread count, and against NumPy.
+    in_features, out_features = 2051, 75
+    weight = rng.standard_normal((out_features, in_features)).astype(np.float32)
+    bias = rng.standard_normal(out_features).astype(np.float32)
+    layer = nplora.LoraLinear(weight, bias, r=7, lora_alpha=8, init_lora_weights=False, seed=3)
+    layer.train(training)
+    wide = rng.standard_normal((n, in_features + 3)).astype(np.float32)
+    x = wide[:, 1:1 + in_features]
+    x64 = x.astype(np.float64)
+    a, b = layer.lora_A.astype(np.float64), layer.lora_B.astype(np.float64)
+    expected = x64 @ weight.T.astype(np.float64) + bias + layer.scaling * (x64 @ a.T) @ b.T
+    before = nplora.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            nplora.set_num_threads(threads)
+            results.append(layer.forward(x))
+    finally:
+        nplora.set_num_threads(before)
+    error = np.abs(results[0] - expected).max() / np.abs(expected).max()
+    assert error < 1e-5, error
+    for got in results[1:]:
+        np.testing.assert_array_equal(got, results[0])
+
+
+TWO_K_PER_LANE_ON_EVERY_ISA = """
+import numpy as np, nplora
+from nplora import _core
+rng = np.random.default_rng(8)
+worst = 0.0
+for dtype in (np.float32, np.float64):
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for n in range(1, 10):
+        for fan_in, r in ((37, 5), (64, 16), (3, 1)):
+            weight = rng.standard_normal((29, fan_in)).astype(dtype)
+            bias = rng.standard_normal(29).astype(dtype)
+            layer = nplora.LoraLinear(weight, bias, r=r, lora_alpha=2, init_lora_weights=False, seed=n)
+            x = rng.standard_normal((n, fan_in + 2)).astype(dtype)[:, 1:-1]
+            x64 = x.astype(np.float64)
+            a, b = layer.lora_A.astype(np.float64), layer.lora_B.astype(np.float64)
+            want = x64 @ weight.T.astype(np.float64) + bias + layer.scaling * (x64 @ a.T) @ b.T
+            for training in (False, True):
+                y = layer.train(training).forward(x)
+                worst = max(worst, float(np.abs(y - want).max() / np.abs(want).max()) / tol)
+    config = lambda r: nplora.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"],
+                                         init_lora_weights=False)
+    for n in range(1, 10):
+        weight = rng.standard_normal((61, 45)).astype(dtype)
+        model = nplora.LoraModel({"proj.weight": weight}, config(3), "a0", seed=0)
+        model.add_adapter("a1", config(16), seed=1)
+        model.eval()
+        x = rng.standard_normal((n, 45)).astype(dtype)
+        ids = rng.integers(-1, 2, n)
+        y = model.forward("proj", x, adapter_ids=ids)
+        x64 = x.astype(np.float64)
+        want = x64 @ weight.T.astype(np.float64)
+        for k in range(2):
+            layer = model.layers(f"a{k}")["proj"]
+            rows = ids == k
+            a, b = layer.lora_A.astype(np.float64), layer.lora_B.astype(np.float64)
+            want[rows] += layer.scaling * (x64[rows] @ a.T) @ b.T
+        worst = max(worst, float(np.abs(y - want).max() / np.abs(want).max()) / tol)
+print(_core.kernel_isa(), worst)
+"""
+
+
+def test_two_k_per_lane_on_every_instruction_set_and_dtype():
+    # NPLORA_OUTER_MIN_ROWS=0 sends every small batch to the outer-product kernel, so batches of
+    # up to half a vector of rows pack two k per lane on every ISA and in float64 too (by default
+    # only float32 batches of 7-8 rows on AVX-512 do): odd and even k and r, k = 3 (one pair and a
+    # half), strided rows, training (the A product packs the cached copy), mixed batches.
+    seen = worst_error_on_every_isa(TWO_K_PER_LANE_ON_EVERY_ISA, NPLORA_OUTER_MIN_ROWS="0")
+    assert all(err < 1.0 for err in seen.values()), seen
+    assert len(seen) == 3, seen
 
 
 def test_every_instruction_set_gives_the_same_answer():

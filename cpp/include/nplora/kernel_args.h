@@ -26,7 +26,9 @@ struct SmallBatchArgs {
     std::ptrdiff_t in;
     std::ptrdiff_t out;
     /* Optional packed forms for the outer-product kernel (null: the dot-product kernel):
-       xt[k * ldt + b] = x[b, k] and xst[j * ldt + b] = xs[b, j], zero-padded to ldt columns. */
+       xt[k * ldt + b] = x[b, k] and xst[j * ldt + b] = xs[b, j], zero-padded to ldt columns; for
+       batches of at most half a vector (2 n <= lanes), two k per lane pair instead:
+       xt[(k / 2) * ldt + 2 b + k % 2] = x[b, k] (and so for xst). */
     const T* xt;
     const T* xst;
     std::ptrdiff_t ldt;
