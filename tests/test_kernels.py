@@ -235,6 +235,21 @@ def test_gemm_is_bitwise_the_same_on_one_and_two_threads(rng):
         nplora.use_blas("nplora")
 
 
+def test_float64_products_default_to_nplora_kernels_unless_numpy_is_asked_for():
+    try:
+        nplora.use_blas("nplora")
+        if _core.kernel_isa() != "none":
+            assert nplora.blas_info()["float64"] == "nplora"
+            assert _core.own_gemm_enabled(True)
+        nplora.use_blas("nplora", float64="numpy")
+        if nplora.blas_info()["filepath"] is not None:  # NumPy has a CBLAS to hand them to
+            assert nplora.blas_info()["float64"] == "numpy"
+            assert not _core.own_gemm_enabled(True)
+            assert _core.own_gemm_enabled(False) == (_core.kernel_isa() != "none")
+    finally:
+        nplora.use_blas("nplora")
+
+
 def test_backward_is_bitwise_the_same_on_any_thread_count(rng):
     # The thin products split out into a fixed number of parts (summed in part order) and the GEMM
     # splits C by columns, so no gradient depends on how many threads took part.

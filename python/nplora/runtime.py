@@ -135,10 +135,10 @@ def use_blas(backend: str = "nplora", *, float64: str | None = None) -> str:
         BLAS NumPy links. "eigen": Eigen on nplora's threads. The environment variable
         ``NPLORA_BLAS`` sets it at import.
     float64 : {"nplora", "numpy"} or None
-        With backend "nplora", where float64 products go. None (the default) picks NumPy's BLAS
-        when there is one: OpenBLAS's dgemm and nplora's ran within ~5% of each other either way
-        here, and NumPy's gives float64 results that match NumPy's own (its sgemm was the slower
-        one, so float32 stays on nplora's kernels). Small batches use nplora's kernels either way.
+        With backend "nplora", where float64 products go. None (the default) is "nplora": at
+        512 x 4096 x 4096 nplora's dgemm took 0.90-1.02x the time of NumPy's OpenBLAS in five
+        sets of alternating calls (median 0.95x). "numpy" gives float64 products that match
+        NumPy's own bit for bit. Small batches use nplora's kernels either way.
 
     Returns
     -------
@@ -155,7 +155,7 @@ def use_blas(backend: str = "nplora", *, float64: str | None = None) -> str:
     # Under "nplora" NumPy's CBLAS stays set: float64 products may go there.
     found = _find_numpy_cblas() if backend in ("nplora", "numpy") else None
     own = backend == "nplora"
-    own_float64 = own and (float64 == "nplora" or found is None)
+    own_float64 = own and (float64 != "numpy" or found is None)
     _core.set_own_gemm(own, own_float64)
     if found is None:
         _core.set_cblas_gemm(0, 0, False)
