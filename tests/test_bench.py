@@ -94,6 +94,17 @@ def test_ratio_is_the_median_of_round_by_round_ratios(quick_json: dict) -> None:
         assert row["ratio"] == pytest.approx(statistics.median(t / u for t, u in pairs), rel=1e-12)
 
 
+def test_header_says_where_float32_and_float64_products_run() -> None:
+    from nplora.bench_harness import products_line
+    lib = "/site/numpy.libs/libscipy_openblas64_-x.so"
+    assert products_line({"backend": "nplora", "float64": "nplora", "filepath": lib}) == (
+        "products (float32 and float64) on nplora's kernels")  # NumPy's library unused: not named
+    assert products_line({"backend": "nplora", "float64": "numpy", "filepath": lib}) == (
+        "products on nplora's kernels, float64 ones on NumPy's BLAS (libscipy_openblas64_-x.so)")
+    assert products_line({"backend": "eigen", "float64": "eigen", "filepath": None}) == (
+        "products (float32 and float64) on Eigen")
+
+
 def test_rounds_alternate_which_side_goes_first() -> None:
     calls: list[str] = []
 

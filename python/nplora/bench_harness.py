@@ -243,6 +243,16 @@ def format_number(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def products_line(nb: dict[str, Any]) -> str:
+    """Where nplora's float32 and float64 products run, naming NumPy's BLAS library where it does."""
+    library = f" ({os.path.basename(nb['filepath'])})" if nb.get("filepath") else ""
+    names = {"nplora": "nplora's kernels", "numpy": "NumPy's BLAS" + library, "eigen": "Eigen"}
+    backend, float64 = nb["backend"], nb.get("float64", nb["backend"])
+    if float64 == backend:
+        return f"products (float32 and float64) on {names.get(backend, backend)}"
+    return f"products on {names.get(backend, backend)}, float64 ones on {names.get(float64, float64)}"
+
+
 def format_header(result: dict[str, Any]) -> list[str]:
     m, settings = result["machine"], result["settings"]
     blas = "; ".join(f"{b['internal_api']} {b['version']} ({b['architecture']}, "
@@ -254,9 +264,7 @@ def format_header(result: dict[str, Any]) -> list[str]:
         f"machine: {m['cpu']}, {m['physical_cores'] or '?'} physical cores, os.cpu_count()="
         f"{m['os_cpu_count']} ({m['usable_cpus']} usable); {m['platform']}",
         f"NumPy {m['numpy']}, BLAS: {blas}",
-        f"nplora {m['nplora']}, {m['nplora_threads']} threads; products on {nb['backend']}'s "
-        f"kernels, float64 ones on {nb.get('float64', nb['backend'])}'s"
-        + (f" ({os.path.basename(nb['filepath'])})" if nb.get("filepath") else ""),
+        f"nplora {m['nplora']}, {m['nplora_threads']} threads; {products_line(nb)}",
     ]
     shared = nb.get("numpy_blas_on_nplora_threads")
     lines.append(f"SIMD kernels: {m.get('kernel_isa')}; NumPy's BLAS runs on "
