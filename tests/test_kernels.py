@@ -122,6 +122,21 @@ for dtype in (np.float32, np.float64):
             a, b = layer.lora_A.astype(np.float64), layer.lora_B.astype(np.float64)
             want[rows] += layer.scaling * (x64[rows] @ a.T) @ b.T
         worst = max(worst, float(np.abs(y - want).max() / np.abs(want).max()) / tol)
+    for n in range(1, 10):
+        # An inf in the last column of W (odd k) and of B (odd r): the odd-k tail must not add
+        # inf * 0 = NaN from its unused lanes.
+        weight = rng.standard_normal((16, 33)).astype(dtype)
+        weight[3, -1] = np.inf
+        layer = nplora.LoraLinear(weight, r=5, lora_alpha=5, init_lora_weights=False, seed=n)
+        b = layer.lora_B.copy()
+        b[2, -1] = np.inf
+        layer.lora_B = b
+        x = (np.abs(rng.standard_normal((n, 33))) + 0.5).astype(dtype)
+        with np.errstate(invalid="ignore", over="ignore"):
+            want = (x @ weight.T + layer.scaling * (x @ layer.lora_A.T) @ b.T).astype(np.float64)
+        y = layer.eval().forward(x)
+        if not np.array_equal(np.isnan(y), np.isnan(want)) or not np.array_equal(y[np.isinf(want)], want[np.isinf(want)]):
+            worst = float("inf")
 print(_core.kernel_isa(), worst)
 """
 
@@ -130,7 +145,8 @@ def test_two_k_per_lane_on_every_instruction_set_and_dtype():
     # NPLORA_OUTER_MIN_ROWS=0 sends every small batch to the outer-product kernel, so batches of
     # up to half a vector of rows pack two k per lane on every ISA and in float64 too (by default
     # only float32 batches of 7-8 rows on AVX-512 do): odd and even k and r, k = 3 (one pair and a
-    # half), strided rows, training (the A product packs the cached copy), mixed batches.
+    # half), strided rows, training (the A product packs the cached copy), mixed batches, and an
+    # inf in the last column of W and of B.
     seen = worst_error_on_every_isa(TWO_K_PER_LANE_ON_EVERY_ISA, NPLORA_OUTER_MIN_ROWS="0")
     assert all(err < 1.0 for err in seen.values()), seen
     assert len(seen) == 3, seen
@@ -246,6 +262,22 @@ def test_float64_products_default_to_nplora_kernels_unless_numpy_is_asked_for():
             assert nplora.blas_info()["float64"] == "numpy"
             assert not _core.own_gemm_enabled(True)
             assert _core.own_gemm_enabled(False) == (_core.kernel_isa() != "none")
+    finally:
+        nplora.use_blas("nplora")
+
+
+def test_float64_on_numpy_gives_numpys_products_bit_for_bit_past_64_rows(rng):
+    # What the README promises for use_blas(float64="numpy"): above kSmallBatchMaxRows the product
+    # is NumPy's own dgemm call (B = 0 and no bias, so the layer's output is x @ W.T alone).
+    weight = rng.standard_normal((256, 4099))
+    layer = nplora.LoraLinear(weight, r=4, lora_alpha=4).eval()
+    try:
+        nplora.use_blas("nplora", float64="numpy")
+        if nplora.blas_info()["float64"] != "numpy":
+            pytest.skip("NumPy's BLAS has no CBLAS interface nplora can call")
+        for n in (65, 300):
+            x = rng.standard_normal((n, 4099))
+            np.testing.assert_array_equal(layer(x), x @ weight.T)
     finally:
         nplora.use_blas("nplora")
 

@@ -28,7 +28,8 @@ struct SmallBatchArgs {
     /* Optional packed forms for the outer-product kernel (null: the dot-product kernel):
        xt[k * ldt + b] = x[b, k] and xst[j * ldt + b] = xs[b, j], zero-padded to ldt columns; for
        batches of at most half a vector (2 n <= lanes), two k per lane pair instead:
-       xt[(k / 2) * ldt + 2 b + k % 2] = x[b, k] (and so for xst). */
+       xt[(k / 2) * ldt + 2 b + k % 2] = x[b, k] (and so for xst), where for an odd k the last
+       row's odd lanes are left unwritten (the kernel reads only its even lanes). */
     const T* xt;
     const T* xst;
     std::ptrdiff_t ldt;
