@@ -137,8 +137,9 @@ def use_blas(backend: str = "nplora", *, float64: str | None = None) -> str:
     float64 : {"nplora", "numpy"} or None
         With backend "nplora", where float64 products go. None (the default) is "nplora": at
         512 x 4096 x 4096 nplora's dgemm took 0.90-1.02x the time of NumPy's OpenBLAS in five
-        sets of alternating calls (median 0.95x). "numpy" gives float64 products that match
-        NumPy's own bit for bit. Small batches use nplora's kernels either way.
+        sets of alternating calls (median 0.95x). "numpy" gives float64 products of more than 64
+        rows that match NumPy's own bit for bit; batches of up to 64 rows run on nplora's
+        weight-streaming kernels either way.
 
     Returns
     -------
