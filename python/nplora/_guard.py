@@ -109,11 +109,11 @@ _CORE_GUARDS: weakref.WeakKeyDictionary[Any, LayerGuard] = weakref.WeakKeyDictio
 
 def _guard_of_array(array: np.ndarray) -> LayerGuard | None:
     """The guard of the layer whose core owns `array` (a view of its A, B or a gradient)."""
-    owner: Any = array
-    while isinstance(owner, np.ndarray):
-        owner = owner.base
+    owner = _buffer_of(array)
+    if isinstance(owner, np.ndarray):
+        return None  # memory an ndarray owns: no core's
     try:
-        return _CORE_GUARDS.get(owner) if owner is not None else None
+        return _CORE_GUARDS.get(owner)
     except (TypeError, ValueError):  # an unhashable base (a writable memoryview): not a core
         return None
 

@@ -45,9 +45,8 @@ constexpr Index kSmallBatchMaxRows = 64;
 
 // The rows of x (n x cols, row stride ld) laid out for the outer-product kernel: data()[k * ld() + b]
 // = x[b, k], zero-padded to whole vectors, or two k per lane pair for batches of at most half a
-// vector (SmallBatchArgs::xt / ldt). Packing once lets several
-// small-batch products over the same rows (a layer's A and its W) share it; it runs on every
-// thread. Empty (data() == nullptr) when n rows take the dot-product kernel or no SIMD kernel runs
+// vector (SmallBatchArgs::xt / ldt). Packing once lets several small-batch products over the same
+// rows (a layer's A and its W) share it; it runs on every thread. Empty (data() == nullptr) when n rows take the dot-product kernel or no SIMD kernel runs
 // on this CPU. The buffer goes back to a per-thread spare on destruction, so repeated calls do not
 // pay fresh page faults.
 template <class T>
