@@ -100,6 +100,14 @@ bool takes_outer_product(Isa chosen, Index n) {
     return chosen != Isa::None && n > outer_product_min_rows<T>(chosen) && n <= 4 * lanes_of(chosen, T());
 }
 
+// Whether a batch of n rows takes the weight-streaming kernels at all. AVX2's 16 registers hold
+// no outer-product tile past four vectors of rows, and the dot-product tiles that would take the
+// rest ran at half the packed GEMM's rate there (Zen 3, batch 48-64 of 4096 x 4096).
+template <class T>
+bool takes_small_batch(Isa chosen, Index n) {
+    return chosen == Isa::Avx512 || n <= 4 * lanes_of(chosen, T());
+}
+
 // The rows of W [0, out) in chunks the threads take as they go (ChunkQueue), so each thread streams
 // its own parts of W, each at least ~1 MB: below that, waking a thread costs more than it saves.
 // Chunks are whole multiples of 24 rows, so the tiles (6 or 8 rows) never leave single rows behind
@@ -192,6 +200,7 @@ bool small_batch_linear(const SmallBatchArgs<T>& given) {
 #if defined(NPLORA_HAVE_X86_KERNELS)
     const Isa chosen = isa();
     if (chosen == Isa::None) return false;
+    if (!takes_small_batch<T>(chosen, given.n)) return false;
     if (given.n <= 0 || given.out <= 0) return true;
     // Batches past a few rows use the outer-product kernel, on x packed here unless the caller
     // packed it already (SmallBatchPack).
