@@ -215,6 +215,11 @@ GEMM_SHAPES = [
     (37, 300, 1100),  # several W blocks and k blocks, ragged everywhere
     (200, 5, 70),  # tall and skinny C: the transposed route
     (16, 600, 40),
+    # A few k deep (merge's C += B A): W blocks as wide as C's rows, C split by rows; past one such
+    # block (5000 > 4096 floats at k = 16, 1100 > 1024 at k = 64) and one k past the route.
+    (130, 5000, 16),
+    (90, 1100, 64),
+    (41, 700, 65),
 ]
 
 
@@ -247,7 +252,7 @@ def test_gemm_is_bitwise_the_same_on_one_and_two_threads(rng):
     before = nplora.get_num_threads()
     try:
         for dtype in (np.float32, np.float64):
-            for m, n, k in [(300, 700, 1100), (400, 9, 600), (9, 900, 700)]:
+            for m, n, k in [(300, 700, 1100), (400, 9, 600), (9, 900, 700), (300, 5000, 16)]:
                 a = rng.standard_normal((m, k)).astype(dtype)
                 b = rng.standard_normal((n, k)).astype(dtype)
                 results = []

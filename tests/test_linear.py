@@ -44,6 +44,14 @@ def test_forward_large_matches_numpy(rng, dtype, backend):
     np.testing.assert_allclose(layer(x), reference_forward(layer, x, weight, b), rtol=rtol, atol=rtol)
 
 
+def test_forward_with_few_input_features_matches_numpy(rng, dtype, backend):
+    # in + r <= 64: the LoRA term rides in the product's one k block, W blocks as wide as y's rows.
+    layer, weight, b = make_layer(rng, dtype, in_features=40, out_features=1300, r=8)
+    x = rng.standard_normal((150, 40)).astype(dtype)
+    rtol = 1e-4 if dtype == np.float32 else 1e-11
+    np.testing.assert_allclose(layer(x), reference_forward(layer, x, weight, b), rtol=rtol, atol=rtol)
+
+
 @pytest.mark.parametrize("layout", ["fortran", "strided", "negative", "readonly"])
 def test_any_input_layout_gives_the_right_answer(rng, dtype, tol, layout):
     layer, weight, b = make_layer(rng, dtype)
@@ -271,6 +279,21 @@ def test_merge_unmerge_round_trip(rng, dtype, tol, backend, fan_in_fan_out):
                                atol=1e-5 if dtype == np.float32 else 1e-13)
     with pytest.warns(nplora.LoraWarning, match="Already unmerged"):
         layer.unmerge()
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_merge_of_a_large_layer_matches_numpy(rng, dtype, backend, fan_in_fan_out):
+    # Rows past one wide W block (4096 floats at r = 16), many row chunks on the threads, ragged edges.
+    layer, weight, _ = make_layer(rng, dtype, in_features=4500, out_features=1030, r=16, bias=False,
+                                  fan_in_fan_out=fan_in_fan_out)
+    original = weight.copy()
+    delta = layer.scaling * layer.lora_B.astype(np.float64) @ layer.lora_A.astype(np.float64)
+    layer.merge()
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(weight, original + (delta.T if fan_in_fan_out else delta), rtol=tol,
+                               atol=tol)
+    layer.unmerge()
+    np.testing.assert_allclose(weight, original, rtol=tol, atol=tol)
 
 
 def test_backward_after_merged_forward_raises(rng):

@@ -150,11 +150,12 @@ struct GemmShape {
     GemmShape gemm_shape(T);                                                                       \
     void gemm_pack_x(const GemmArgs<T>& a, std::ptrdiff_t panel_begin, std::ptrdiff_t panel_end,    \
                      T* packed);                                                                   \
-    /* C's rows [row_panel_begin, row_panel_end) * rows by columns [col_begin, col_end); w_block     \
-       holds 2 * depth * block_cols elements of scratch. */                                        \
+    /* C's rows [row_panel_begin, row_panel_end) * rows by columns [col_begin, col_end), W packed    \
+       in blocks of block_cols columns (a multiple of cols); w_block holds                         \
+       (min(k, depth) + min(k2, depth)) * block_cols elements of scratch. */                       \
     void gemm_compute(const GemmArgs<T>& a, const T* packed_x, std::ptrdiff_t row_panel_begin,      \
                       std::ptrdiff_t row_panel_end, std::ptrdiff_t col_begin, std::ptrdiff_t col_end, \
-                      T* w_block);
+                      std::ptrdiff_t block_cols, T* w_block);
 
 namespace kernels {
 namespace avx512 {
