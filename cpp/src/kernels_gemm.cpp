@@ -218,10 +218,10 @@ bool packed_gemm(const GemmArgs<T>& a) {
             kernels::avx2::gemm_pack_x(a, b, e, packed);
     });
 
-    // A product a few k deep (merge, unmerge and swap: C += B A at rank r) is a pass over C, two
-    // FMAs per element read and written: C's speed is the memory's. In blocks of kGemmBlockCols
-    // columns, C would be walked down strips a few hundred bytes wide, one row 16 KB after the
-    // last, where no hardware prefetcher follows. A W block as wide as C's rows (up to
+    // A product a few k deep (merge, unmerge and swap: C += B A at rank r) is a pass over C, r
+    // multiply-adds per element read and written: C's speed is the memory's. In blocks of
+    // kGemmBlockCols columns, C would be walked down strips a few hundred bytes wide, one row
+    // 16 KB after the last, where no hardware prefetcher follows. A W block as wide as C's rows (up to
     // kWideBlockBytes, in L2) walks C's rows whole, in row chunks across the threads: the merge
     // at 4096 x 4096, r = 16 went from 4.8 to 3.3 ms on Zen 5 (2.5-3.3 ms with gemm_part's C
     // prefetch for this case; NumPy's in-place w *= 1 takes 2.0-2.3 ms there).
@@ -237,6 +237,7 @@ bool packed_gemm(const GemmArgs<T>& a) {
         const Index fit = kWideBlockBytes / (depth * static_cast<Index>(sizeof(T))) / shape.cols * shape.cols;
         block_cols = std::max(block_cols, std::min(col_tiles * shape.cols, fit));
     }
+    // (gemm_part knows this case by a block wider than kGemmBlockCols, and prefetches C ahead.)
     // Otherwise split C by columns (each thread streams its own part of W) when there are enough
     // of them, else by rows. A part gets at least ~4 MFLOP: less does not pay for waking a thread.
     const auto compute = [&](Index row_b, Index row_e, Index col_b, Index col_e) {
